@@ -1,0 +1,126 @@
+"""The Python API: load once, then steer one prompt or many, as simply as ``model.generate``.
+
+>>> import directer
+>>> steerer = directer.Directer.from_pretrained()          # the bundled SmolLM2-135M-Instruct
+>>> out = steerer.generate("Write a haiku about the sea. Answer in all capital letters.",
+...                        instruction="Answer in all capital letters.")
+>>> print(out.text, out.summary)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, overload
+
+import torch
+
+from directer.config import SteeringConfig
+from directer.engine import Engine, Generation, Request, SteeringSummary, StepTelemetry
+from directer.models import DEFAULT_MODEL, LoadedModel, load_model
+from directer.prompts import Prompt, build_prompt
+
+PromptInput = str | tuple[str, str | None]
+
+
+@dataclass
+class Completion:
+    """One prompt's result: the text, its tokens, and what steering did."""
+
+    prompt: Prompt
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    telemetry: list[StepTelemetry]
+    summary: SteeringSummary
+    ranking: list[int] | None
+    ranking_reused: bool
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "completion": self.text,
+            "token_ids": self.token_ids,
+            "prompt_token_ids": self.prompt.token_ids,
+            "instruction_token_span": list(self.prompt.token_span) if self.prompt.token_span else None,
+            "finish_reason": self.finish_reason,
+            "method": self.method,
+            "summary": asdict(self.summary),
+            "ranking": self.ranking,
+            "telemetry": [asdict(step) for step in self.telemetry],
+        }
+
+
+class Directer:
+    """A loaded model with its engine and a default :class:`SteeringConfig`."""
+
+    def __init__(self, loaded: LoadedModel, config: SteeringConfig | None = None) -> None:
+        self.loaded = loaded
+        self.config = config or SteeringConfig()
+        self.engine = Engine(loaded.model, loaded.eos_token_ids, loaded.pad_token_id)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str = DEFAULT_MODEL,
+        *,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        trust_remote_code: bool = False,
+        **config: Any,
+    ) -> Directer:
+        """Load a model (alias, Hugging Face id, folder or GGUF file); keyword config fields override defaults."""
+        loaded = load_model(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        return cls(loaded, SteeringConfig(**config))
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def prompt(self, message: str, instruction: str | None = None, **kwargs: Any) -> Prompt:
+        """Render a user message with the chat template and place its instruction."""
+        return build_prompt(self.tokenizer, message, instruction=instruction, **kwargs)
+
+    @overload
+    def generate(self, prompts: str | Prompt, instruction: str | None = None, **overrides: Any) -> Completion: ...
+
+    @overload
+    def generate(self, prompts: Sequence[PromptInput | Prompt], instruction: None = None, **overrides: Any) -> list[Completion]: ...
+
+    def generate(self, prompts, instruction=None, *, batch_size: int = 16, **overrides):
+        """Steer one prompt (with its ``instruction``) or a list of prompts or ``(prompt, instruction)`` pairs.
+
+        ``overrides`` change fields of the config for this call, e.g. ``method="zero-shot"``.
+        """
+        single = isinstance(prompts, (str, Prompt))
+        items = [(prompts, instruction)] if single else [p if isinstance(p, tuple) else (p, None) for p in prompts]
+        built = [p if isinstance(p, Prompt) else self.prompt(p, i) for p, i in items]
+        completions = self.complete(built, self.config.with_(**overrides) if overrides else self.config, batch_size)
+        return completions[0] if single else completions
+
+    def complete(self, prompts: Sequence[Prompt], config: SteeringConfig, batch_size: int = 16,
+                 rankings: Sequence[list[int] | None] | None = None) -> list[Completion]:
+        """Decode built prompts in length-sorted batches; results come back in input order."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].token_ids))
+        results: list[Completion | None] = [None] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            requests = [
+                Request(prompts[i].token_ids, prompts[i].span, rankings[i] if rankings else None) for i in chunk
+            ]
+            for index, generation in zip(chunk, self.engine.generate(requests, config)):
+                results[index] = self._completion(prompts[index], generation, config)
+        return results  # type: ignore[return-value]
+
+    def _completion(self, prompt: Prompt, generation: Generation, config: SteeringConfig) -> Completion:
+        return Completion(
+            prompt=prompt,
+            text=self.tokenizer.decode(generation.token_ids, skip_special_tokens=True),
+            token_ids=generation.token_ids,
+            finish_reason=generation.finish_reason,
+            telemetry=generation.telemetry,
+            summary=generation.summary,
+            ranking=generation.ranking,
+            ranking_reused=generation.ranking_reused,
+            method=config.method,
+        )

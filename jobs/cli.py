@@ -1,0 +1,142 @@
+"""The ``directer`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from directer.config import SteeringConfig
+
+app = typer.Typer(
+    name="directer",
+    help="Steer language models to follow instructions (Directer: dynamic rejection steering).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Alias, Hugging Face id, local folder or .gguf file.")]
+AlphaOption = Annotated[float, typer.Option(help="Scale of the instruction tokens' attention keys.")]
+BetaOption = Annotated[float, typer.Option(help="Plausibility threshold: keep a steered token only above beta x raw top-1.")]
+MaxTrialsOption = Annotated[int, typer.Option(help="Steered passes allowed per step before falling back.")]
+MaxNewTokensOption = Annotated[int, typer.Option(help="Tokens to generate at most per prompt.")]
+DeviceOption = Annotated[str | None, typer.Option(help="torch device; default cuda when available, else cpu.")]
+DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default bf16 on GPU, fp32 on CPU.")]
+TrustOption = Annotated[bool, typer.Option(help="Allow the model's own code from the hub.")]
+
+
+@app.callback()
+def main() -> None:
+    """Steer language models to follow instructions (Directer: dynamic rejection steering)."""
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    instruction: Annotated[
+        str | None,
+        typer.Option(
+            "--instruction",
+            "-i",
+            help="The instruction to steer: its first occurrence in PROMPT, or, when PROMPT does not contain it, "
+            "appended to PROMPT after a blank line.",
+        ),
+    ] = None,
+    model: ModelOption = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="directer or zero-shot.")] = "directer",
+    alpha: AlphaOption = 100.0,
+    beta: BetaOption = 0.5,
+    max_trials: MaxTrialsOption = 10,
+    max_new_tokens: MaxNewTokensOption = 256,
+    compare: Annotated[bool, typer.Option("--compare", help="Show zero-shot and Directer side by side.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Steer one prompt and print the completion."""
+    from directer import Directer, ModelNotFoundError, SpanError
+
+    try:
+        config = SteeringConfig(method=method, alpha=alpha, beta=beta, max_trials=max_trials, max_new_tokens=max_new_tokens)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    if instruction is None and config.steers:
+        console.print("[yellow]no --instruction given: nothing to steer, the output is zero-shot[/]")
+    _quiet_transformers()
+    try:
+        with console.status(f"loading {model}"):
+            steerer = Directer.from_pretrained(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        if instruction is not None and instruction not in prompt:
+            prompt = f"{prompt}\n\n{instruction}"
+        built = steerer.prompt(prompt, instruction)
+    except (ModelNotFoundError, SpanError, ValueError) as error:
+        raise _fail(str(error)) from None
+    methods = ["zero-shot", "directer"] if compare else [config.method]
+    results = {}
+    for name in methods:
+        with console.status(f"generating ({name})"):
+            results[name] = steerer.complete([built], config.with_(method=name))[0]
+    if json_output:
+        payload = results[config.method].to_dict() if not compare else {m: r.to_dict() for m, r in results.items()}
+        json.dump(payload, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    out = Console()
+    if not compare:
+        out.print(highlight_steered(steerer.tokenizer, results[config.method]))
+        if config.steers:
+            out.print(_summary_line(results[config.method]), style="dim")
+        return
+    table = Table(title="zero-shot vs directer", show_lines=True, expand=True)
+    table.add_column("zero-shot")
+    table.add_column("directer (steered tokens highlighted)")
+    table.add_row(Text(results["zero-shot"].text), highlight_steered(steerer.tokenizer, results["directer"]))
+    out.print(Text.assemble("instruction: ", (instruction or "(none)", "bold")))
+    out.print(table)
+    out.print(_summary_line(results["directer"]), style="dim")
+
+
+def highlight_steered(tokenizer, completion) -> Text:
+    """The completion with every token that steering changed highlighted."""
+    text = Text()
+    special = set(tokenizer.all_special_ids)
+    for step in completion.telemetry:
+        if step.token in special:
+            continue
+        piece = tokenizer.decode([step.token])
+        text.append(piece, style="bold black on yellow" if step.changed else None)
+    return text
+
+
+def _summary_line(completion) -> str:
+    summary = asdict(completion.summary)
+    return (
+        f"{summary['steps']} steps: {summary['steered']} steered ({summary['changed']} changed the token), "
+        f"{summary['gate_skips']} skipped by the gate, {summary['fallbacks']} fell back; "
+        f"{summary['trials']} steered passes, mean layers when steered {summary['mean_layers']:.1f}; "
+        f"finish: {completion.finish_reason}"
+    )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Ray Data pipeline: Directer over sharded Parquet."""

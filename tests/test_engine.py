@@ -1,0 +1,148 @@
+"""The engine against the plain per-prompt oracle on tiny random models of six architectures."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, tiny_model
+from reference import reference_generate
+
+from directer.config import SteeringConfig
+from directer.engine import Engine, Request, trial_sizes
+
+MAX_NEW = 16
+
+
+def random_requests(count: int, seed: int) -> list[Request]:
+    """Prompts of different lengths (longer than the sliding windows) with spans in different places."""
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(count):
+        length = rng.randint(3, 30)
+        ids = [rng.randint(3, 127) for _ in range(length)]
+        start = rng.randint(0, length - 2)
+        requests.append(Request(ids, list(range(start, rng.randint(start + 1, length)))))
+    return requests
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch_model(request):
+    return request.param, tiny_model(request.param)
+
+
+def oracle(model, request: Request, eos=(1,), **kwargs):
+    return reference_generate(model, list(request.prompt_ids), list(request.span), max_new_tokens=MAX_NEW, eos_token_ids=eos, **kwargs)
+
+
+def assert_matches(generation, expected):
+    assert generation.token_ids == expected.token_ids
+    assert generation.ranking == expected.ranking
+    got = [(s.raw_token, s.gate_skipped, s.trials, s.layers, s.token) for s in generation.telemetry]
+    want = [(s.raw_token, s.gate_skipped, s.trials, s.layers, s.token) for s in expected.steps]
+    assert got == want
+
+
+@pytest.mark.parametrize("schedule", ["lazy", "batched"])
+def test_batch_of_one_matches_oracle(arch_model, schedule):
+    _, model = arch_model
+    engine = Engine(model, [1], 0)
+    for request in random_requests(3, seed=11):
+        (generation,) = engine.generate([request], SteeringConfig(max_new_tokens=MAX_NEW, trial_schedule=schedule))
+        assert_matches(generation, oracle(model, request))
+
+
+@pytest.mark.parametrize("schedule", ["lazy", "batched"])
+def test_padded_batch_matches_oracle(arch_model, schedule):
+    _, model = arch_model
+    engine = Engine(model, [1], 0)
+    requests = random_requests(5, seed=3)
+    generations = engine.generate(requests, SteeringConfig(max_new_tokens=MAX_NEW, trial_schedule=schedule))
+    steered = 0
+    for request, generation in zip(requests, generations):
+        assert_matches(generation, oracle(model, request))
+        steered += generation.summary.steered
+    assert steered > 0, "the test prompts should exercise accepted steering"
+
+
+def test_rows_stop_at_eos_independently(arch_model):
+    """EOS ids taken from a first run make rows stop at different steps (and leave the batch)."""
+    _, model = arch_model
+    engine = Engine(model, [1], 0)
+    requests = random_requests(5, seed=5)
+    first = engine.generate(requests, SteeringConfig(max_new_tokens=MAX_NEW))
+    eos = (first[0].token_ids[3], first[2].token_ids[6])
+    engine = Engine(model, eos, 0)
+    generations = engine.generate(requests, SteeringConfig(max_new_tokens=MAX_NEW))
+    assert any(g.finish_reason == "stop" for g in generations)
+    assert len({len(g.token_ids) for g in generations}) > 1
+    for request, generation in zip(requests, generations):
+        assert_matches(generation, oracle(model, request, eos=eos))
+        assert (generation.finish_reason == "stop") == (generation.token_ids[-1] in eos)
+
+
+def test_zero_shot_equals_transformers_generate(arch_model):
+    _, model = arch_model
+    engine = Engine(model, [1], 0)
+    requests = random_requests(4, seed=7)
+    generations = engine.generate(requests, SteeringConfig(method="zero-shot", max_new_tokens=MAX_NEW))
+    for request, generation in zip(requests, generations):
+        ids = torch.tensor([list(request.prompt_ids)])
+        expected = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=1, pad_token_id=0)
+        assert generation.token_ids == expected[0, ids.shape[1] :].tolist()
+        assert generation.ranking is None
+        assert all(s.trials == 0 and not s.changed for s in generation.telemetry)
+
+
+def test_batch_gives_each_row_its_tokens_alone():
+    model = tiny_model("llama", seed=4)
+    engine = Engine(model, [1], 0)
+    requests = random_requests(6, seed=9)
+    config = SteeringConfig(max_new_tokens=MAX_NEW)
+    together = engine.generate(requests, config)
+    for request, generation in zip(requests, together):
+        (alone,) = engine.generate([request], config)
+        assert alone.token_ids == generation.token_ids
+        discrete = [(s.raw_token, s.gate_skipped, s.trials, s.layers, s.token) for s in generation.telemetry]
+        assert [(s.raw_token, s.gate_skipped, s.trials, s.layers, s.token) for s in alone.telemetry] == discrete
+        assert [s.raw_prob for s in alone.telemetry] == pytest.approx([s.raw_prob for s in generation.telemetry], rel=1e-4)
+
+
+def test_given_ranking_skips_probes_and_keeps_tokens():
+    model = tiny_model("qwen3", seed=2)
+    engine = Engine(model, [1], 0)
+    requests = random_requests(3, seed=1)
+    config = SteeringConfig(max_new_tokens=MAX_NEW)
+    computed = engine.generate(requests, config)
+    reused = engine.generate(
+        [Request(r.prompt_ids, r.span, g.ranking) for r, g in zip(requests, computed)], config
+    )
+    for a, b in zip(computed, reused):
+        assert not a.ranking_reused and b.ranking_reused
+        assert a.token_ids == b.token_ids and a.ranking == b.ranking
+
+
+def test_alpha_one_is_zero_shot():
+    """Scaling keys by 1 steers nothing: every trial reproduces the raw token."""
+    model = tiny_model("mistral", seed=6)
+    engine = Engine(model, [1], 0)
+    requests = random_requests(3, seed=2)
+    steered = engine.generate(requests, SteeringConfig(alpha=1.0, max_new_tokens=MAX_NEW))
+    plain = engine.generate(requests, SteeringConfig(method="zero-shot", max_new_tokens=MAX_NEW))
+    assert [g.token_ids for g in steered] == [g.token_ids for g in plain]
+
+
+def test_trial_sizes_halve_to_fallback():
+    assert trial_sizes(30, 10) == [30, 15, 7, 3]
+    assert trial_sizes(8, 10) == [8, 4, 2]
+    assert trial_sizes(30, 2) == [30, 15]
+    assert trial_sizes(1, 10) == []
+
+
+def test_bad_requests_are_rejected():
+    engine = Engine(tiny_model("llama"), [1], 0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([Request([])], SteeringConfig())
+    with pytest.raises(ValueError, match="span positions"):
+        engine.generate([Request([5, 6, 7], [3])], SteeringConfig())

@@ -85,7 +85,9 @@ class Directer:
     def generate(self, prompts: str | Prompt, instruction: str | None = None, **overrides: Any) -> Completion: ...
 
     @overload
-    def generate(self, prompts: Sequence[PromptInput | Prompt], instruction: None = None, **overrides: Any) -> list[Completion]: ...
+    def generate(
+        self, prompts: Sequence[PromptInput | Prompt], instruction: None = None, **overrides: Any
+    ) -> list[Completion]: ...
 
     def generate(self, prompts, instruction=None, *, batch_size: int = 16, **overrides):
         """Steer one prompt (with its ``instruction``) or a list of prompts or ``(prompt, instruction)`` pairs.
@@ -98,8 +100,13 @@ class Directer:
         completions = self.complete(built, self.config.with_(**overrides) if overrides else self.config, batch_size)
         return completions[0] if single else completions
 
-    def complete(self, prompts: Sequence[Prompt], config: SteeringConfig, batch_size: int = 16,
-                 rankings: Sequence[list[int] | None] | None = None) -> list[Completion]:
+    def complete(
+        self,
+        prompts: Sequence[Prompt],
+        config: SteeringConfig,
+        batch_size: int = 16,
+        rankings: Sequence[list[int] | None] | None = None,
+    ) -> list[Completion]:
         """Decode built prompts in length-sorted batches; results come back in input order."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].token_ids))
         results: list[Completion | None] = [None] * len(prompts)

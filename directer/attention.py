@@ -139,9 +139,7 @@ def _prefill(
     allowed = allowed[:, None]  # [B, 1, T, T]
     groups = query.shape[1] // key.shape[1]
     if softcap is None:
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=groups > 1
-        )
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=groups > 1)
     else:
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
         scores = torch.matmul(query, key.transpose(2, 3)) * scaling

@@ -161,9 +161,7 @@ class _Decoding:
         self.prompt = ids
         self.order = torch.arange(len(requests), device=device)  # original row of each active row
         self.rank_of: torch.Tensor | None = None  # [N, L]: position of each layer in its row's ranking
-        self.rankings: list[list[int] | None] = [
-            list(r.ranking) if r.ranking is not None else None for r in requests
-        ]
+        self.rankings: list[list[int] | None] = [list(r.ranking) if r.ranking is not None else None for r in requests]
         self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.finished: dict[int, FinishReason] = {}
 
@@ -235,8 +233,15 @@ class _Decoding:
                 trial(token, positions, pending, probs, top1_prob, emitted, trials, layers)
         cache.length += 1
         record = torch.stack(
-            [raw_token.double(), top1_prob.double(), top2_prob.double(), gate_skipped.double(),
-             trials.double(), layers.double(), emitted.double()],
+            [
+                raw_token.double(),
+                top1_prob.double(),
+                top2_prob.double(),
+                gate_skipped.double(),
+                trials.double(),
+                layers.double(),
+                emitted.double(),
+            ],
             dim=1,
         )
         self.steps.append((self.order.cpu(), record.cpu()))
@@ -245,7 +250,9 @@ class _Decoding:
     def _rows_to_rank(self) -> torch.Tensor | None:
         """Active rows without a given ranking (on the first step every row is still active)."""
         missing = [row for row in range(len(self.requests)) if self.rankings[row] is None]
-        self.rank_of = torch.zeros(len(self.requests), self.engine.num_layers, dtype=torch.long, device=self.engine.device)
+        self.rank_of = torch.zeros(
+            len(self.requests), self.engine.num_layers, dtype=torch.long, device=self.engine.device
+        )
         for row, ranking in enumerate(self.rankings):
             if ranking is not None:
                 self.rank_of[row] = torch.argsort(torch.tensor(ranking, device=self.engine.device))
@@ -304,8 +311,14 @@ class _Decoding:
                 raw, p1, p2, skipped, trials, layers, token = values
                 per_row[row].append(
                     StepTelemetry(
-                        raw_token=int(raw), raw_prob=p1, top2_prob=p2, gate_skipped=bool(skipped),
-                        trials=int(trials), layers=int(layers), token=int(token), changed=int(token) != int(raw),
+                        raw_token=int(raw),
+                        raw_prob=p1,
+                        top2_prob=p2,
+                        gate_skipped=bool(skipped),
+                        trials=int(trials),
+                        layers=int(layers),
+                        token=int(token),
+                        changed=int(token) != int(raw),
                     )
                 )
         return [

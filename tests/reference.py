@@ -51,6 +51,7 @@ def capture_attention(model, token: int, cache: DynamicCache) -> tuple[list[torc
     """Input (normed hidden state) and output of every self-attention block for one token."""
     pre, post, handles = {}, {}, []
     for index, layer in enumerate(model.get_decoder().layers):
+
         def pre_hook(module, args, kwargs, index=index):
             pre[index] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
@@ -76,7 +77,9 @@ def rank_layers(model, token: int, cache: DynamicCache, span: list[int], alpha: 
         pre, post = capture_attention(model, token, copy_cache(cache, {probed}, span, alpha))
         disturbances = []
         for j in range(count):
-            d = (1 - F.cosine_similarity(raw_pre[j], post[j], dim=0)) + (1 - F.cosine_similarity(raw_post[j], pre[j], dim=0))
+            d = (1 - F.cosine_similarity(raw_pre[j], post[j], dim=0)) + (
+                1 - F.cosine_similarity(raw_post[j], pre[j], dim=0)
+            )
             disturbances.append(max(float(d), 0.0))
         sensitivity.append(sum(disturbances) / count)
     return sorted(range(count), key=lambda layer: -sensitivity[layer])

@@ -33,7 +33,9 @@ def arch_model(request):
 
 
 def oracle(model, request: Request, eos=(1,), **kwargs):
-    return reference_generate(model, list(request.prompt_ids), list(request.span), max_new_tokens=MAX_NEW, eos_token_ids=eos, **kwargs)
+    return reference_generate(
+        model, list(request.prompt_ids), list(request.span), max_new_tokens=MAX_NEW, eos_token_ids=eos, **kwargs
+    )
 
 
 def assert_matches(generation, expected):
@@ -106,7 +108,9 @@ def test_batch_gives_each_row_its_tokens_alone():
         assert alone.token_ids == generation.token_ids
         discrete = [(s.raw_token, s.gate_skipped, s.trials, s.layers, s.token) for s in generation.telemetry]
         assert [(s.raw_token, s.gate_skipped, s.trials, s.layers, s.token) for s in alone.telemetry] == discrete
-        assert [s.raw_prob for s in alone.telemetry] == pytest.approx([s.raw_prob for s in generation.telemetry], rel=1e-4)
+        assert [s.raw_prob for s in alone.telemetry] == pytest.approx(
+            [s.raw_prob for s in generation.telemetry], rel=1e-4
+        )
 
 
 def test_given_ranking_skips_probes_and_keeps_tokens():
@@ -115,9 +119,7 @@ def test_given_ranking_skips_probes_and_keeps_tokens():
     requests = random_requests(3, seed=1)
     config = SteeringConfig(max_new_tokens=MAX_NEW)
     computed = engine.generate(requests, config)
-    reused = engine.generate(
-        [Request(r.prompt_ids, r.span, g.ranking) for r, g in zip(requests, computed)], config
-    )
+    reused = engine.generate([Request(r.prompt_ids, r.span, g.ranking) for r, g in zip(requests, computed)], config)
     for a, b in zip(computed, reused):
         assert not a.ranking_reused and b.ranking_reused
         assert a.token_ids == b.token_ids and a.ranking == b.ranking

@@ -1,0 +1,55 @@
+"""``directer run`` as a user types it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def directer(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_run_json_has_tokens_span_and_telemetry():
+    result = directer(
+        "run", "Write a haiku about the sea. Answer in all capital letters.",
+        "--instruction", "Answer in all capital letters.", "--max-new-tokens", "12", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert len(payload["token_ids"]) == len(payload["telemetry"]) <= 12
+    start, end = payload["instruction_token_span"]
+    assert 0 <= start < end <= len(payload["prompt_token_ids"])
+    assert payload["completion"] and payload["method"] == "directer"
+    assert payload["telemetry"][0]["gate_skipped"] is False
+
+
+def test_run_compare_shows_both_methods():
+    result = directer(
+        "run", "Write a haiku about the sea.", "--instruction", "Answer in all capital letters.",
+        "--compare", "--max-new-tokens", "12",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "zero-shot" in result.stdout and "directer" in result.stdout and "steps:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "no-such-model"], "unknown model"),
+        (["--beta", "2"], "beta must lie in"),
+        (["--method", "pasta"], "method must be one of"),
+    ],
+)
+def test_run_reports_bad_options(args, message):
+    result = directer("run", "Say hi.", "--instruction", "Be brief.", *args)
+    assert result.returncode == 2
+    assert message in result.stderr

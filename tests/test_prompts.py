@@ -1,0 +1,47 @@
+"""Prompt rendering and instruction spans."""
+
+from __future__ import annotations
+
+import pytest
+
+from directer.prompts import SpanError, build_prompt, check_spans
+
+
+def test_instruction_maps_to_its_tokens(smollm2):
+    tokenizer = smollm2.tokenizer
+    message = "Write a haiku about the sea. Answer in all capital letters."
+    prompt = build_prompt(tokenizer, message, instruction="Answer in all capital letters.")
+    assert prompt.text.startswith("<|im_start|>")
+    assert prompt.token_ids == tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], tokenize=True, add_generation_prompt=True, return_dict=False
+    )
+    assert tokenizer.decode([prompt.token_ids[i] for i in prompt.span]).strip() == "Answer in all capital letters."
+    start, end = prompt.token_span
+    assert prompt.span == list(range(start, end))
+
+
+def test_spans_cut_inside_words_take_the_overlapping_tokens(smollm2):
+    message = "Describe Paris. Use exactly threewords please."
+    prompt = build_prompt(smollm2.tokenizer, message, spans=[[16, 37]])  # ends inside "threewords"
+    steered = smollm2.tokenizer.decode([prompt.token_ids[i] for i in prompt.span])
+    assert "Use exactly three" in steered and "please" not in steered
+
+
+def test_missing_instruction_is_named(smollm2):
+    with pytest.raises(SpanError, match="'Respond in French.' is not in the prompt"):
+        build_prompt(smollm2.tokenizer, "Write a poem.", instruction="Respond in French.")
+
+
+@pytest.mark.parametrize(
+    ("spans", "message"),
+    [([[0, 50]], "outside"), ([[3, 3]], "empty"), ([[0, 5], [4, 8]], "overlap"), ([["a", 2]], "integers")],
+)
+def test_invalid_spans(spans, message):
+    with pytest.raises(SpanError, match=message):
+        check_spans("A short prompt.", spans)
+
+
+def test_without_template_the_text_is_the_message(smollm2):
+    prompt = build_prompt(smollm2.tokenizer, "Say hi. Be brief.", instruction="Be brief.", chat_template=False)
+    assert prompt.text == "Say hi. Be brief."
+    assert prompt.char_spans == [(8, 17)]

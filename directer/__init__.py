@@ -4,7 +4,7 @@ from directer.api import Completion, Directer
 from directer.config import SteeringConfig
 from directer.engine import Engine, Generation, Request, SteeringSummary, StepTelemetry
 from directer.models import DEFAULT_MODEL, LoadedModel, ModelNotFoundError, load_model
-from directer.prompts import Prompt, SpanError, build_prompt
+from directer.prompts import Prompt, PromptError, SpanError, build_prompt
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -15,6 +15,7 @@ __all__ = [
     "LoadedModel",
     "ModelNotFoundError",
     "Prompt",
+    "PromptError",
     "Request",
     "SpanError",
     "SteeringConfig",

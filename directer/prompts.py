@@ -15,8 +15,20 @@ from transformers import PreTrainedTokenizerBase
 CharSpan = tuple[int, int]
 
 
-class SpanError(ValueError):
+class PromptError(ValueError):
+    """A prompt that cannot be built; ``field`` names the input field at fault."""
+
+    def __init__(self, problem: str, field: str = "prompt") -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class SpanError(PromptError):
     """An instruction or span that cannot be placed in its prompt."""
+
+    def __init__(self, problem: str, field: str = "instruction") -> None:
+        super().__init__(problem, field)
 
 
 @dataclass(frozen=True)
@@ -37,58 +49,86 @@ class Prompt:
 def instruction_spans(message: str, instruction: str) -> list[CharSpan]:
     """The first occurrence of ``instruction`` in ``message`` as a character span."""
     if not instruction.strip():
-        raise SpanError("instruction is empty")
+        raise SpanError("empty")
     start = message.find(instruction)
     if start < 0:
-        raise SpanError(f"instruction {_quote(instruction)} is not in the prompt")
+        raise SpanError(f"{_quote(instruction)} is not in the prompt")
     return [(start, start + len(instruction))]
 
 
 def check_spans(message: str, spans: Sequence[Sequence[int]]) -> list[CharSpan]:
     """Validate ``[start, end)`` character spans: in range, non-empty, not overlapping."""
+    field = "instruction_spans"
+    if isinstance(spans, (str, bytes)) or not hasattr(spans, "__iter__"):
+        raise SpanError(f"expected a list of [start, end) pairs, got {type(spans).__name__}", field)
     checked: list[CharSpan] = []
     for span in spans:
-        if len(span) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in span):
-            raise SpanError(f"span {list(span)!r} is not a pair of integers [start, end)")
-        start, end = span
+        pair = list(span) if hasattr(span, "__iter__") and not isinstance(span, (str, bytes)) else [span]
+        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+            raise SpanError(f"span {pair!r} is not a pair of integers [start, end)", field)
+        start, end = pair
         if not 0 <= start < end <= len(message):
-            raise SpanError(f"span [{start}, {end}) is empty or outside the prompt (length {len(message)})")
+            raise SpanError(f"span [{start}, {end}) is empty or outside the prompt (length {len(message)})", field)
         checked.append((start, end))
     checked.sort()
     for (_, end), (start, _) in zip(checked, checked[1:]):
         if start < end:
-            raise SpanError(f"spans overlap at character {start}")
+            raise SpanError(f"spans overlap at character {start}", field)
     return checked
+
+
+def _check_messages(messages: object) -> tuple[list[dict[str, str]], str]:
+    """A chat list of ``{role, content}`` dicts; returns it and its last user message."""
+    if isinstance(messages, (str, bytes, dict)) or not hasattr(messages, "__iter__"):
+        raise PromptError("expected a list of {role, content} messages", "messages")
+    turns = []
+    for index, turn in enumerate(messages):
+        if not isinstance(turn, dict) or not all(isinstance(turn.get(k), str) for k in ("role", "content")):
+            raise PromptError(f"message {index} is not a {{role, content}} pair of strings", "messages")
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    users = [turn["content"] for turn in turns if turn["role"] == "user"]
+    if not users or not users[-1].strip():
+        raise PromptError("no non-empty user message", "messages")
+    return turns, users[-1]
 
 
 def build_prompt(
     tokenizer: PreTrainedTokenizerBase,
-    message: str,
+    message: str | None = None,
     *,
+    messages: Sequence[dict[str, str]] | None = None,
     instruction: str | None = None,
     spans: Sequence[Sequence[int]] | None = None,
     system: str | None = None,
     chat_template: bool = True,
 ) -> Prompt:
-    """Render ``message`` as the user turn and locate its instruction.
+    """Render a user ``message`` (or a chat list ``messages``) and locate its instruction.
 
-    Give the instruction as a substring of ``message`` (its first occurrence is steered) or as
-    character ``spans`` of ``message``; with neither, nothing is steered.
+    Give the instruction as a substring of the (last) user message, whose first occurrence is
+    steered, or as character ``spans`` of it; with neither, nothing is steered.
     """
-    if not isinstance(message, str) or not message.strip():
-        raise SpanError("prompt is empty")
+    if messages is not None:
+        turns, message = _check_messages(messages)
+    else:
+        if not isinstance(message, str):
+            raise PromptError("missing" if message is None else f"expected a string, got {type(message).__name__}")
+        if not message.strip():
+            raise PromptError("empty")
+        turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
     if instruction is not None and spans is not None:
         raise SpanError("give the instruction as text or as spans, not both")
-    message_spans = (
-        instruction_spans(message, instruction) if instruction is not None else check_spans(message, spans or [])
-    )
+    if instruction is not None:
+        if not isinstance(instruction, str):
+            raise SpanError(f"expected a string, got {type(instruction).__name__}")
+        message_spans = instruction_spans(message, instruction)
+    else:
+        message_spans = check_spans(message, spans if spans is not None else [])
     templated = chat_template and tokenizer.chat_template is not None
     if templated:
-        turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         offset = text.rfind(message)
         if offset < 0:
-            raise SpanError("the chat template rewrites the message; cannot place the instruction in it")
+            raise PromptError("the chat template rewrites the message; cannot place the instruction in it")
     else:
         text, offset = message, 0
     char_spans = [(start + offset, end + offset) for start, end in message_spans]
@@ -99,7 +139,7 @@ def build_prompt(
         if token_end > token_start and any(token_start < end and token_end > start for start, end in char_spans)
     ]
     if char_spans and not positions:
-        raise SpanError("the instruction maps to no token")
+        raise SpanError("maps to no token")
     return Prompt(text=text, token_ids=list(encoded["input_ids"]), span=positions, char_spans=char_spans)
 
 

@@ -122,6 +122,114 @@ def run(
     out.print(_summary_line(results["directer"]), style="dim")
 
 
+@app.command()
+def generate(
+    inputs: Annotated[list[str], typer.Argument(help="Parquet/JSONL files, folders, globs, or datasets folders.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder (data/*.parquet, run.json).")],
+    model: ModelOption = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="directer or zero-shot.")] = "directer",
+    actors: Annotated[int, typer.Option(help="Model copies (Ray actors).")] = 1,
+    gpus_per_actor: Annotated[
+        float | None, typer.Option(help="GPUs per actor; default 1 when the cluster has GPUs, else 0.")
+    ] = None,
+    cpus_per_actor: Annotated[
+        float | None, typer.Option(help="CPUs per actor; default shares the CPUs left after one for reads/writes.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows decoded together by one actor.")] = 16,
+    max_new_tokens: MaxNewTokensOption = 256,
+    alpha: AlphaOption = 100.0,
+    beta: BetaOption = 0.5,
+    max_trials: MaxTrialsOption = 10,
+    ranking_cache: Annotated[
+        str | None, typer.Option(help="Folder of cached layer rankings; default OUTPUT/ranking_cache.")
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join; default an embedded local Ray.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over instead of resuming.")] = False,
+    examples: Annotated[int, typer.Option(help="Side-by-side examples to print at the end.")] = 3,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Run Directer over a dataset with a Ray actor pool; one output row per input row, resumable."""
+    from directer.models import ModelNotFoundError
+    from pipeline.config import GenerateConfig
+    from pipeline.inputs import InputError
+    from pipeline.run import generate as run_generate
+
+    try:
+        steering = SteeringConfig(
+            method=method, alpha=alpha, beta=beta, max_trials=max_trials, max_new_tokens=max_new_tokens
+        )
+        config = GenerateConfig(
+            inputs=tuple(inputs), output=output, model=model, steering=steering, actors=actors,
+            gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
+            ranking_cache=ranking_cache, address=address, overwrite=overwrite, device=device, dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+        _quiet_transformers()
+        report = run_generate(config)
+    except (InputError, ModelNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    print_report(report)
+    if examples:
+        print_examples(config, examples)
+
+
+def print_report(report) -> None:
+    out = Console()
+    table = Table(title=f"directer generate -> {report.output}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row(
+        "rows", f"{report.rows} written ({report.ok} ok, {report.errors} error), {report.skipped} already done"
+    )
+    table.add_row("tokens", f"{report.completion_tokens} generated, {report.tokens_per_second:.1f} tokens/s")
+    seconds = report.seconds
+    table.add_row(
+        "time", f"{seconds.get('total', 0):.1f}s (start-up {seconds.get('startup', 0):.1f}s, "
+        f"pipeline {seconds.get('pipeline', 0):.1f}s)"
+    )  # fmt: skip
+    if report.steering.get("steps"):
+        s = report.steering
+        table.add_row(
+            "steering",
+            f"{s['steered']}/{s['steps']} steps steered ({s['changed']} changed the token), "
+            f"{s['gate_skips']} gate skips, {s['fallbacks']} fallbacks, mean layers {s['mean_layers']:.1f}",
+        )
+    if report.ranking_cache:
+        table.add_row("ranking cache", f"{report.ranking_cache['hits']} hits, {report.ranking_cache['misses']} misses")
+    for message in report.error_examples:
+        table.add_row("[red]error[/]", message)
+    out.print(table)
+
+
+def print_examples(config, count: int) -> None:
+    """A few finished rows: the prompt with its instruction in bold, beside the completion."""
+    import pyarrow.dataset as pads
+
+    files = sorted(str(p) for p in config.data_dir.glob("*.parquet"))
+    if not files:
+        return
+    columns = ["id", "prompt", "instruction", "completion", "status", "steering"]
+    dataset = pads.dataset(files, format="parquet")
+    present = [c for c in columns if c in dataset.schema.names]
+    rows = [r for r in dataset.to_table(columns=present).to_pylist() if r["status"] == "ok"]
+    rows.sort(key=lambda r: r["id"])
+    table = Table(title="examples", show_lines=True, expand=True)
+    table.add_column("prompt (instruction in bold)", ratio=2)
+    table.add_column(f"completion ({config.steering.method})", ratio=3)
+    for row in rows[:count]:
+        prompt, instruction = row.get("prompt") or "", row.get("instruction") or ""
+        text = Text(prompt)
+        if instruction and instruction in prompt:
+            start = prompt.index(instruction)
+            text.stylize("bold yellow", start, start + len(instruction))
+        steering = row.get("steering") or {}
+        note = f"\n[{steering.get('steered', 0)}/{steering.get('steps', 0)} steps steered]" if steering else ""
+        table.add_row(text, Text((row["completion"] or "").strip() + note))
+    Console().print(table)
+
+
 def highlight_steered(tokenizer, completion) -> Text:
     """The completion with every token that steering changed highlighted."""
     text = Text()

@@ -1,0 +1,61 @@
+"""The pipeline's configuration: one object from the command line to every actor."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from directer.config import SteeringConfig
+from directer.models import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """A ``directer generate`` run.
+
+    gpus_per_actor: ``None`` gives each actor one GPU when the cluster has GPUs, else none.
+    cpus_per_actor: ``None`` shares the CPUs left after one for Ray Data's read and write tasks.
+    threads_per_actor: torch threads of a CPU actor; ``None`` shares the cluster's CPUs between actors.
+    ranking_cache: folder of cached layer rankings; default ``OUTPUT/ranking_cache``.
+    """
+
+    inputs: tuple[str, ...]
+    output: str
+    model: str = DEFAULT_MODEL
+    steering: SteeringConfig = field(default_factory=SteeringConfig)
+    actors: int = 1
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
+    threads_per_actor: int | None = None
+    batch_size: int = 16
+    ranking_cache: str | None = None
+    address: str | None = None
+    overwrite: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("give at least one input")
+        if self.actors < 1:
+            raise ValueError(f"--actors must be at least 1, got {self.actors}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ValueError(f"--gpus-per-actor must not be negative, got {self.gpus_per_actor}")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.output_dir / "data"
+
+    @property
+    def ranking_cache_dir(self) -> Path:
+        return Path(self.ranking_cache) if self.ranking_cache else self.output_dir / "ranking_cache"
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)

@@ -1,0 +1,132 @@
+"""Reading inputs: Parquet files, folders or globs, JSONL files, and ``datasets`` folders."""
+
+from __future__ import annotations
+
+import glob
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+JSON_SUFFIXES = (".jsonl", ".json")
+
+
+class InputError(ValueError):
+    """An input that does not exist or cannot be read."""
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "parquet", "json" or "datasets"
+    paths: tuple[str, ...]
+
+
+def _is_datasets_folder(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "state.json").is_file()
+
+
+def resolve_inputs(specs: tuple[str, ...] | list[str]) -> list[Source]:
+    """Expand files, folders and globs into sources; fails on anything missing or unknown."""
+    parquet, json, datasets = [], [], []
+    for spec in specs:
+        matches = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
+        if not matches:
+            raise InputError(f"no input matches {spec!r}")
+        for match in matches:
+            path = Path(match)
+            if not path.exists():
+                raise InputError(f"input not found: {match}")
+            if path.is_dir():
+                if _is_datasets_folder(path):
+                    datasets.append(str(path))
+                    continue
+                files = sorted(str(p) for p in path.rglob("*.parquet"))
+                jsons = sorted(str(p) for p in path.rglob("*") if p.suffix in JSON_SUFFIXES)
+                if not files and not jsons:
+                    raise InputError(f"folder {match} holds no .parquet or .jsonl files")
+                parquet += files
+                json += jsons
+            elif path.suffix == ".parquet":
+                parquet.append(str(path))
+            elif path.suffix in JSON_SUFFIXES:
+                json.append(str(path))
+            else:
+                raise InputError(f"unsupported input {match}: use .parquet, .jsonl, or a folder of them")
+    sources = []
+    if parquet:
+        sources.append(Source("parquet", tuple(parquet)))
+    if json:
+        sources.append(Source("json", tuple(json)))
+    sources += [Source("datasets", (path,)) for path in datasets]
+    return sources
+
+
+def read_ids(sources: list[Source]) -> list[object]:
+    """Every row's ``id`` (``None`` where missing), read column-only on the driver."""
+    ids: list[object] = []
+    for source in sources:
+        if source.kind == "datasets":
+            import datasets
+
+            dataset = datasets.load_from_disk(source.paths[0])
+            ids += dataset["id"] if "id" in dataset.column_names else [None] * len(dataset)
+            continue
+        for path in source.paths:
+            dataset = pads.dataset(path, format="json" if source.kind == "json" else "parquet")
+            if "id" in dataset.schema.names:
+                ids += dataset.to_table(columns=["id"]).column("id").to_pylist()
+            else:
+                ids += [None] * dataset.count_rows()
+    return ids
+
+
+def duplicate_ids(ids: list[object]) -> dict[str, int]:
+    """String ids that occur more than once, with their counts."""
+    counts = Counter(i for i in ids if isinstance(i, str))
+    return {i: n for i, n in counts.items() if n > 1}
+
+
+def read_dataset(sources: list[Source]):
+    """One Ray dataset over every source."""
+    import ray.data
+
+    datasets = []
+    for source in sources:
+        if source.kind == "parquet":
+            # files whose schemas differ (a column typed int in one shard) are read apart; the engine
+            # stage turns their bad fields into error rows instead of the read failing as a whole
+            by_schema: dict[str, list[str]] = {}
+            for path in source.paths:
+                by_schema.setdefault(pq.read_schema(path).remove_metadata().to_string(), []).append(path)
+            datasets += [ray.data.read_parquet(paths) for paths in by_schema.values()]
+        elif source.kind == "json":
+            datasets.append(ray.data.read_json(list(source.paths), lines=True))
+        else:
+            import datasets as hf_datasets
+
+            datasets.append(ray.data.from_huggingface(hf_datasets.load_from_disk(source.paths[0])))
+    first, *rest = datasets
+    return first.union(*rest) if rest else first
+
+
+def output_ids(data_dir: Path) -> tuple[set[str], bool, int]:
+    """Ids already written (and whether rows without an id were), skipping unreadable files.
+
+    Returns ``(ids, has_missing_id, rows)``.
+    """
+    ids: set[str] = set()
+    missing, rows = False, 0
+    for path in sorted(data_dir.glob("*.parquet")) if data_dir.is_dir() else []:
+        try:
+            column = pads.dataset(str(path), format="parquet").to_table(columns=["id"]).column("id")
+        except (pa.ArrowInvalid, OSError):
+            path.rename(path.with_suffix(".parquet.broken"))  # an interrupted write: its rows run again
+            continue
+        values = column.to_pylist()
+        rows += len(values)
+        missing = missing or any(v is None for v in values)
+        ids.update(v for v in values if v is not None)
+    return ids, missing, rows

@@ -1,0 +1,64 @@
+"""Preprocessing: check one input row and build its prompt, or say which field is wrong."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from directer.prompts import Prompt, PromptError, build_prompt
+
+
+class RowError(ValueError):
+    """A row that cannot be generated; the message starts with the field at fault."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+def row_id(row: dict[str, Any]) -> str | None:
+    """The id as written to the output (non-string ids are written as text, and flagged)."""
+    value = row.get("id")
+    return None if value is None else value if isinstance(value, str) else str(value)
+
+
+def _present(row: dict[str, Any], field: str) -> bool:
+    return row.get(field) is not None
+
+
+def prepare_row(
+    row: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    duplicates: dict[str, int],
+    context_length: int | None,
+    max_new_tokens: int,
+) -> Prompt:
+    """The row's prompt with its instruction placed, or :class:`RowError`."""
+    value = row.get("id")
+    if value is None or value == "":
+        raise RowError("id", "missing or empty")
+    if not isinstance(value, str):
+        raise RowError("id", f"expected a string, got {type(value).__name__}")
+    if value in duplicates:
+        raise RowError("id", f"{value!r} appears {duplicates[value]} times in the input; ids must be unique")
+    if _present(row, "instruction") and _present(row, "instruction_spans"):
+        raise RowError("instruction", "give instruction or instruction_spans, not both")
+    try:
+        prompt = build_prompt(
+            tokenizer,
+            row.get("prompt") if not _present(row, "messages") else None,
+            messages=row.get("messages") if _present(row, "messages") else None,
+            instruction=row.get("instruction"),
+            spans=row.get("instruction_spans"),
+        )
+    except PromptError as error:
+        raise RowError(error.field, error.problem) from None
+    if context_length is not None and len(prompt.token_ids) + max_new_tokens > context_length:
+        raise RowError(
+            "prompt",
+            f"{len(prompt.token_ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's context "
+            f"of {context_length}",
+        )
+    return prompt

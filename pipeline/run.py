@@ -1,0 +1,191 @@
+"""``directer generate``: sharded inputs -> Ray Data -> actor pool running the engine -> Parquet.
+
+Every input row yields exactly one output row (``status`` ok or error). A rerun of the same command
+processes only the ids missing from the output; ``overwrite`` starts over (the ranking cache stays,
+its rankings do not depend on the run).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from pipeline.config import GenerateConfig
+from pipeline.inputs import duplicate_ids, output_ids, read_dataset, read_ids, resolve_inputs
+from pipeline.stage import GenerateStage
+
+
+@dataclass
+class RunReport:
+    """What one invocation did (``rows`` counts only this invocation's rows)."""
+
+    output: str
+    rows: int = 0
+    ok: int = 0
+    errors: int = 0
+    skipped: int = 0
+    completion_tokens: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    steering: dict[str, float] = field(default_factory=dict)
+    ranking_cache: dict[str, int] = field(default_factory=dict)
+    error_examples: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        seconds = self.seconds.get("pipeline", 0.0)
+        return self.completion_tokens / seconds if seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "tokens_per_second": self.tokens_per_second}
+
+
+def check_model(name: str) -> None:
+    """Fail before Ray starts when the model name cannot be resolved."""
+    from directer.models import _source
+
+    _source(name)
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def resolve_resources(config: GenerateConfig) -> GenerateConfig:
+    """Fill in GPUs and CPUs per actor from the cluster's resources."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = config.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+    cpus = config.cpus_per_actor
+    if cpus is None:
+        # leave one CPU for Ray Data's read and write tasks, or actors can starve them and hang
+        spare = max(resources.get("CPU", 1) - 1, 0.5)
+        cpus = 1.0 if gpus else min(max(spare / config.actors, 0.25), 4.0)
+    threads = config.threads_per_actor or max(1, int(resources.get("CPU", 1) // config.actors))
+    return replace(config, gpus_per_actor=gpus, cpus_per_actor=cpus, threads_per_actor=threads)
+
+
+def drop_done(batch: pa.Table, done: pa.Array, missing_done: bool) -> pa.Table:
+    """Rows whose id is already in the output do not run again."""
+    if "id" not in batch.column_names:
+        return batch.slice(0, 0) if missing_done else batch
+    ids = pc.cast(batch.column("id"), pa.string())
+    keep = pc.invert(pc.fill_null(pc.is_in(ids, value_set=done), False))
+    if missing_done:
+        keep = pc.and_(keep, pc.is_valid(ids))
+    return batch.filter(keep)
+
+
+def generate(config: GenerateConfig, progress: bool = True) -> RunReport:
+    """Run the pipeline; returns this invocation's report and writes ``run.json``."""
+    started = time.perf_counter()
+    sources = resolve_inputs(config.inputs)
+    check_model(config.model)
+    if config.overwrite and config.data_dir.exists():
+        shutil.rmtree(config.data_dir)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    ids = read_ids(sources)
+    duplicates = duplicate_ids(ids)
+    done, missing_done, _ = output_ids(config.data_dir)
+    before = set(config.data_dir.glob("*.parquet"))
+    report = RunReport(output=str(config.output_dir))
+
+    import ray.data
+
+    init_ray(config.address)
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    config = resolve_resources(config)
+    report.seconds["startup"] = time.perf_counter() - started
+
+    todo = sum(1 for i in ids if not (i is None and missing_done) and (i is None or str(i) not in done))
+    report.skipped = len(ids) - todo
+    if todo:
+        dataset = read_dataset(sources)
+        if done or missing_done:
+            dataset = dataset.map_batches(
+                drop_done,
+                batch_format="pyarrow",
+                fn_kwargs={"done": pa.array(sorted(done), type=pa.string()), "missing_done": missing_done},
+            )
+        dataset = dataset.map_batches(
+            GenerateStage,
+            fn_constructor_kwargs={"config": config, "duplicates": duplicates},
+            batch_size=config.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=config.actors),
+            num_cpus=config.cpus_per_actor,
+            num_gpus=config.gpus_per_actor,
+        )
+        run_started = time.perf_counter()
+        dataset.write_parquet(str(config.data_dir))
+        report.seconds["pipeline"] = time.perf_counter() - run_started
+    new_files = sorted(set(config.data_dir.glob("*.parquet")) - before)
+    _summarise(report, new_files)
+    report.seconds["total"] = time.perf_counter() - started
+    write_manifest(config, report)
+    return report
+
+
+def _summarise(report: RunReport, files: list[Path]) -> None:
+    if not files:
+        return
+    columns = ["status", "error", "completion_tokens", "steering", "ranking_cache"]
+    table = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
+    rows = table.to_pylist()
+    report.rows = len(rows)
+    report.ok = sum(r["status"] == "ok" for r in rows)
+    report.errors = report.rows - report.ok
+    report.error_examples = [r["error"] for r in rows if r["status"] == "error"][:5]
+    report.completion_tokens = sum(r["completion_tokens"] or 0 for r in rows)
+    summaries = [r["steering"] for r in rows if r["steering"]]
+    steps = sum(s["steps"] for s in summaries)
+    steered_steps = sum(s["steered"] for s in summaries)
+    report.steering = {
+        "steps": steps,
+        "steered": steered_steps,
+        "changed": sum(s["changed"] for s in summaries),
+        "gate_skips": sum(s["gate_skips"] for s in summaries),
+        "fallbacks": sum(s["fallbacks"] for s in summaries),
+        "steered_passes": sum(s["trials"] for s in summaries),
+        "mean_layers": (
+            sum(s["mean_layers"] * s["steered"] for s in summaries) / steered_steps if steered_steps else 0.0
+        ),
+    }
+    cache = [r["ranking_cache"] for r in rows if r["ranking_cache"]]
+    report.ranking_cache = {"hits": cache.count("hit"), "misses": cache.count("miss")}
+
+
+def write_manifest(config: GenerateConfig, report: RunReport) -> None:
+    """``run.json``: the configuration, counts over the whole output, and every invocation's report."""
+    path = config.output_dir / "run.json"
+    previous = json.loads(path.read_text()).get("invocations", []) if path.is_file() and not config.overwrite else []
+    files = sorted(str(p) for p in config.data_dir.glob("*.parquet"))
+    totals = {"rows": 0, "ok": 0, "error": 0}
+    if files:
+        status = pads.dataset(files, format="parquet").to_table(columns=["status"]).column("status")
+        totals = {"rows": len(status), "ok": pc.sum(pc.equal(status, "ok")).as_py() or 0}
+        totals["error"] = totals["rows"] - totals["ok"]
+    manifest = {
+        "config": config.to_dict(),
+        "config_fingerprint": config.steering.fingerprint(),
+        "totals": totals,
+        "invocations": [*previous, report.to_dict()],
+    }
+    path.write_text(json.dumps(manifest, indent=2, default=str))

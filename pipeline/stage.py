@@ -1,0 +1,184 @@
+"""The engine stage: a Ray Data actor that holds one model copy and runs Directer on each batch.
+
+Preprocessing (row checks, chat template, spans), the engine, and postprocessing (Arrow columns)
+run inside the actor, so each batch is one call and every input row gives exactly one output row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import GenerateConfig
+from pipeline.ranking_cache import RankingCache
+from pipeline.rows import RowError, prepare_row, row_id
+
+TELEMETRY = pa.struct(
+    [
+        ("raw_token", pa.int32()),
+        ("raw_prob", pa.float32()),
+        ("top2_prob", pa.float32()),
+        ("gate_skipped", pa.bool_()),
+        ("trials", pa.int8()),
+        ("layers", pa.int16()),
+        ("token", pa.int32()),
+        ("changed", pa.bool_()),
+    ]
+)
+SUMMARY = pa.struct(
+    [
+        ("steps", pa.int32()),
+        ("steered", pa.int32()),
+        ("changed", pa.int32()),
+        ("gate_skips", pa.int32()),
+        ("fallbacks", pa.int32()),
+        ("trials", pa.int32()),
+        ("mean_layers", pa.float32()),
+    ]
+)
+GENERATED = pa.schema(
+    [
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("completion", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("instruction_tokens", pa.int32()),
+        ("method", pa.string()),
+        ("config_fingerprint", pa.string()),
+        ("config", pa.string()),
+        ("model", pa.string()),
+        ("ranking", pa.list_(pa.int16())),
+        ("ranking_cache", pa.string()),
+        ("steering", SUMMARY),
+        ("telemetry", pa.list_(TELEMETRY)),
+        ("batch_seconds", pa.float64()),
+        ("worker", pa.string()),
+    ]
+)
+OUTPUT_COLUMNS = ("id", *GENERATED.names)
+
+
+class GenerateStage:
+    """Callable class for ``Dataset.map_batches`` (``batch_format="pyarrow"``)."""
+
+    def __init__(self, config: GenerateConfig, duplicates: dict[str, int]) -> None:
+        import torch
+
+        from directer import Directer
+
+        device = config.device or ("cuda" if config.gpus_per_actor else "cpu")
+        if device == "cpu" and config.threads_per_actor:
+            torch.set_num_threads(config.threads_per_actor)
+        self.config = config
+        self.duplicates = duplicates
+        self.steerer = Directer.from_pretrained(
+            config.model, device=device, dtype=config.dtype, trust_remote_code=config.trust_remote_code
+        )
+        self.steering = config.steering
+        self.cache = (
+            RankingCache(config.ranking_cache_dir, self.steerer.loaded.identity, config.steering.alpha)
+            if config.steering.steers
+            else None
+        )
+        self.constant = {
+            "method": self.steering.method,
+            "config_fingerprint": self.steering.fingerprint(),
+            "config": json.dumps(self.steering.to_dict(), sort_keys=True),
+            "model": self.steerer.loaded.identity,
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+        }
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        loaded = self.steerer.loaded
+        prompts, errors = {}, {}
+        for index, row in enumerate(rows):
+            try:
+                prompts[index] = prepare_row(
+                    row,
+                    loaded.tokenizer,
+                    duplicates=self.duplicates,
+                    context_length=loaded.context_length,
+                    max_new_tokens=self.steering.max_new_tokens,
+                )
+            except RowError as error:
+                errors[index] = str(error)
+        started = time.perf_counter()
+        completions, cache_hits = self._generate(prompts, errors)
+        seconds = time.perf_counter() - started
+        records = [
+            self._record(i, completions.get(i), errors.get(i), cache_hits.get(i), seconds) for i in range(len(rows))
+        ]
+        generated = pa.Table.from_pylist(records, schema=GENERATED)
+        passthrough = _text_fields_as_strings(
+            batch.drop_columns([c for c in batch.column_names if c in OUTPUT_COLUMNS])
+        )
+        ids = pa.array([row_id(row) for row in rows], type=pa.string())
+        columns = {"id": ids, **{c: passthrough.column(c) for c in passthrough.column_names}}
+        columns.update({c: generated.column(c) for c in generated.column_names})
+        return pa.table(columns)
+
+    def _generate(self, prompts: dict, errors: dict) -> tuple[dict, dict]:
+        """Completions of the well-formed rows; a failing batch is retried row by row."""
+        indices = list(prompts)
+        rankings = [self.cache.get(prompts[i]) if self.cache else None for i in indices]
+        hits = {i: ("hit" if r is not None else "miss") for i, r in zip(indices, rankings)} if self.cache else {}
+        try:
+            batch = [prompts[i] for i in indices]
+            results = self.steerer.complete(batch, self.steering, self.config.batch_size, rankings)
+            completions = dict(zip(indices, results))
+        except Exception:  # noqa: BLE001 - isolate the failing rows; their errors are kept
+            completions = {}
+            for index, ranking in zip(indices, rankings):
+                try:
+                    (completions[index],) = self.steerer.complete([prompts[index]], self.steering, 1, [ranking])
+                except Exception as error:  # noqa: BLE001
+                    errors[index] = f"engine: {type(error).__name__}: {error}"
+        if self.cache:
+            for index, completion in completions.items():
+                if completion.ranking is not None:
+                    self.cache.put(prompts[index], completion.ranking)
+            self.cache.flush()
+        return completions, hits
+
+    def _record(self, index: int, completion, error: str | None, cache: str | None, seconds: float) -> dict[str, Any]:
+        if completion is None:
+            return {"status": "error", "error": error or "not generated", **self.constant}
+        return {
+            "status": "ok",
+            "error": None,
+            "completion": completion.text,
+            "finish_reason": completion.finish_reason,
+            "prompt_tokens": len(completion.prompt.token_ids),
+            "completion_tokens": len(completion.token_ids),
+            "token_ids": completion.token_ids,
+            "instruction_tokens": len(completion.prompt.span),
+            "ranking": completion.ranking,
+            "ranking_cache": cache,
+            "steering": asdict(completion.summary),
+            "telemetry": [asdict(step) for step in completion.telemetry],
+            "batch_seconds": seconds,
+            **self.constant,
+        }
+
+
+TEXT_FIELDS = ("prompt", "instruction", "task")
+
+
+def _text_fields_as_strings(table: pa.Table) -> pa.Table:
+    """Input fields that should be text are written as text even when a shard typed them otherwise."""
+    for name in TEXT_FIELDS:
+        kind = table.schema.field(name).type if name in table.column_names else None
+        if kind is not None and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            values = [None if v is None else json.dumps(v) for v in table.column(name).to_pylist()]
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return table

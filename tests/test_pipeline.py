@@ -1,0 +1,150 @@
+"""``directer generate`` end to end: real Ray Data, two actors, Parquet shards, errors, resume, ranking cache."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from directer import Directer, SteeringConfig
+from pipeline.config import GenerateConfig
+from pipeline.run import generate
+
+MAX_NEW = 8
+GOOD = [
+    (f"Write one sentence about {topic}. {instruction}", instruction)
+    for topic in ("rain", "cats", "tea", "maps", "bees", "snow", "jazz", "moss", "kites", "ink", "owls", "figs")
+    for instruction in ("Answer in French.", "Use all capital letters.")
+][:21]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Four Parquet shards: 21 good rows and 7 planted bad ones (one shard types ``instruction`` as int)."""
+    folder = tmp_path_factory.mktemp("inputs")
+    rows = [{"id": f"good-{i:02d}", "prompt": p, "instruction": s, "source": "test"} for i, (p, s) in enumerate(GOOD)]
+    bad = [
+        {"id": "no-prompt", "prompt": None, "instruction": "Be brief.", "source": "test"},
+        {"id": "empty-prompt", "prompt": "  ", "instruction": None, "source": "test"},
+        {"id": "not-found", "prompt": "Name a color.", "instruction": "Answer in German.", "source": "test"},
+        {"id": "too-long", "prompt": "word " * 9000, "instruction": None, "source": "test"},
+        {"id": "twin", "prompt": "Say hi.", "instruction": None, "source": "test"},
+        {"id": "twin", "prompt": "Say bye.", "instruction": None, "source": "test"},
+    ]
+    expected_errors = {
+        "no-prompt": "prompt: missing",
+        "empty-prompt": "prompt: empty",
+        "not-found": "instruction: 'Answer in German.' is not in the prompt",
+        "too-long": "prompt: ",
+        "twin": "id: 'twin' appears 2 times",
+        "typed": "instruction: expected a string, got int",
+    }
+    pq.write_table(pa.Table.from_pylist(rows[:8] + bad[:2]), folder / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[8:15] + bad[2:6]), folder / "part-1.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[15:]), folder / "part-2.parquet")
+    typed = [{"id": "typed", "prompt": "Count to three.", "instruction": 3, "source": "test"}]
+    pq.write_table(pa.Table.from_pylist(typed), folder / "part-3.parquet")
+    return folder, expected_errors
+
+
+def read_output(output: Path) -> list[dict]:
+    return pads.dataset(str(output / "data"), format="parquet").to_table().to_pylist()
+
+
+@pytest.fixture(scope="module")
+def first_run(shards, tmp_path_factory):
+    folder, _ = shards
+    output = tmp_path_factory.mktemp("run")
+    config = GenerateConfig(
+        inputs=(str(folder / "*.parquet"),), output=str(output), actors=2, batch_size=4,
+        steering=SteeringConfig(max_new_tokens=MAX_NEW),
+    )  # fmt: skip
+    report = generate(config, progress=False)
+    return config, report, read_output(output)
+
+
+def test_one_row_per_input_row_with_errors_named(shards, first_run):
+    _, expected_errors = shards
+    _, report, rows = first_run
+    assert len(rows) == 28 and report.rows == 28
+    assert Counter(r["id"] for r in rows) == Counter([f"good-{i:02d}" for i in range(21)] + [*expected_errors] + ["twin"])
+    for row in rows:
+        if row["id"] in expected_errors:
+            assert row["status"] == "error" and expected_errors[row["id"]] in row["error"], row["error"]
+        else:
+            assert row["status"] == "ok" and row["error"] is None
+            assert row["source"] == "test"  # passthrough
+            assert 0 < row["completion_tokens"] == len(row["token_ids"]) == len(row["telemetry"]) <= MAX_NEW
+            assert row["model"] == "smollm2-135m@float32" and row["method"] == "directer"
+            assert row["config_fingerprint"] == SteeringConfig(max_new_tokens=MAX_NEW).fingerprint()
+            assert row["ranking_cache"] == "miss" and sorted(row["ranking"]) == list(range(30))
+    assert report.ok == 21 and report.errors == 7
+    manifest = json.loads((Path(first_run[0].output) / "run.json").read_text())
+    assert manifest["totals"] == {"rows": 28, "ok": 21, "error": 7}
+
+
+def test_rows_equal_the_engines_own_outputs(smollm2, first_run):
+    _, _, rows = first_run
+    steerer = Directer(smollm2, SteeringConfig(max_new_tokens=MAX_NEW))
+    good = {r["id"]: r for r in rows if r["status"] == "ok"}
+    ids = sorted(good)
+    completions = steerer.generate([(good[i]["prompt"], good[i]["instruction"]) for i in ids], batch_size=8)
+    for row_id, completion in zip(ids, completions):
+        assert good[row_id]["token_ids"] == completion.token_ids
+        assert good[row_id]["completion"] == completion.text
+        assert [s["layers"] for s in good[row_id]["telemetry"]] == [s.layers for s in completion.telemetry]
+
+
+def test_resume_after_losing_part_of_the_output(first_run):
+    config, _, rows = first_run
+    files = sorted((Path(config.output) / "data").glob("*.parquet"))
+    lost = pq.read_table(files[0]).column("id").to_pylist()
+    files[0].unlink()
+    report = generate(config, progress=False)
+    assert report.rows == len(lost) and report.skipped == 28 - len(lost)
+    after = read_output(Path(config.output))
+    assert Counter(r["id"] for r in after) == Counter(r["id"] for r in rows)
+    again = generate(config, progress=False)
+    assert again.rows == 0 and again.skipped == 28
+
+
+def test_another_beta_reuses_the_rankings(shards, first_run, tmp_path):
+    folder, _ = shards
+    config, _, rows = first_run
+    other = GenerateConfig(
+        inputs=(str(folder),), output=str(tmp_path / "beta"), actors=2, batch_size=4,
+        steering=SteeringConfig(max_new_tokens=MAX_NEW, beta=0.3), ranking_cache=str(config.ranking_cache_dir),
+    )  # fmt: skip
+    report = generate(other, progress=False)
+    assert report.ranking_cache == {"hits": 21, "misses": 0}
+    rankings = {r["id"]: r["ranking"] for r in rows if r["status"] == "ok"}
+    for row in read_output(tmp_path / "beta"):
+        if row["status"] == "ok":
+            assert row["ranking_cache"] == "hit" and row["ranking"] == rankings[row["id"]]
+
+
+def test_overwrite_starts_over(first_run, tmp_path):
+    config, _, _ = first_run
+    report = generate(
+        GenerateConfig(inputs=config.inputs, output=config.output, actors=2, batch_size=8, overwrite=True,
+                       steering=SteeringConfig(method="zero-shot", max_new_tokens=4)),
+        progress=False,
+    )  # fmt: skip
+    assert report.rows == 28 and report.skipped == 0
+    assert {r["method"] for r in read_output(Path(config.output))} == {"zero-shot"}
+
+
+def test_bad_configuration_fails_before_ray(tmp_path):
+    from directer.models import ModelNotFoundError
+    from pipeline.inputs import InputError
+
+    with pytest.raises(InputError, match="input not found"):
+        generate(GenerateConfig(inputs=(str(tmp_path / "missing.parquet"),), output=str(tmp_path / "out")))
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "prompt": "hi"}) + "\n")
+    with pytest.raises(ModelNotFoundError, match="unknown model"):
+        generate(GenerateConfig(inputs=(str(tmp_path / "in.jsonl"),), output=str(tmp_path / "out"), model="nope"))

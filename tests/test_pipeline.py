@@ -72,7 +72,9 @@ def test_one_row_per_input_row_with_errors_named(shards, first_run):
     _, expected_errors = shards
     _, report, rows = first_run
     assert len(rows) == 28 and report.rows == 28
-    assert Counter(r["id"] for r in rows) == Counter([f"good-{i:02d}" for i in range(21)] + [*expected_errors] + ["twin"])
+    assert Counter(r["id"] for r in rows) == Counter(
+        [f"good-{i:02d}" for i in range(21)] + [*expected_errors] + ["twin"]
+    )
     for row in rows:
         if row["id"] in expected_errors:
             assert row["status"] == "error" and expected_errors[row["id"]] in row["error"], row["error"]

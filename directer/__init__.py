@@ -4,7 +4,8 @@ from directer.api import Completion, Directer
 from directer.config import SteeringConfig
 from directer.engine import Engine, Generation, Request, SteeringSummary, StepTelemetry
 from directer.models import DEFAULT_MODEL, LoadedModel, ModelNotFoundError, load_model
-from directer.prompts import Prompt, PromptError, SpanError, build_prompt
+from directer.prompts import Prompt, PromptError, SpanError, build_prompt, prompt_from_row
+from directer.spans import find_instruction_spans
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -22,5 +23,7 @@ __all__ = [
     "SteeringSummary",
     "StepTelemetry",
     "build_prompt",
+    "find_instruction_spans",
     "load_model",
+    "prompt_from_row",
 ]

@@ -18,7 +18,7 @@ import torch
 from directer.config import SteeringConfig
 from directer.engine import Engine, Generation, Request, SteeringSummary, StepTelemetry
 from directer.models import DEFAULT_MODEL, LoadedModel, load_model
-from directer.prompts import Prompt, build_prompt
+from directer.prompts import Prompt, SpanMode, prompt_from_row
 
 PromptInput = str | tuple[str, str | None]
 
@@ -54,9 +54,10 @@ class Completion:
 class Directer:
     """A loaded model with its engine and a default :class:`SteeringConfig`."""
 
-    def __init__(self, loaded: LoadedModel, config: SteeringConfig | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, config: SteeringConfig | None = None, spans: SpanMode = "auto") -> None:
         self.loaded = loaded
         self.config = config or SteeringConfig()
+        self.spans = spans  # rows without an instruction: detect one ("auto") or steer nothing ("none")
         self.engine = Engine(loaded.model, loaded.eos_token_ids, loaded.pad_token_id)
 
     @classmethod
@@ -67,22 +68,26 @@ class Directer:
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         trust_remote_code: bool = False,
+        spans: SpanMode = "auto",
         **config: Any,
     ) -> Directer:
         """Load a model (alias, Hugging Face id, folder or GGUF file); keyword config fields override defaults."""
         loaded = load_model(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        return cls(loaded, SteeringConfig(**config))
+        return cls(loaded, SteeringConfig(**config), spans)
 
     @property
     def tokenizer(self):
         return self.loaded.tokenizer
 
-    def prompt(self, message: str, instruction: str | None = None, **kwargs: Any) -> Prompt:
-        """Render a user message with the chat template and place its instruction."""
-        return build_prompt(self.tokenizer, message, instruction=instruction, **kwargs)
+    def prompt(self, message: str | None = None, instruction: str | None = None, **fields: Any) -> Prompt:
+        """Build a prompt from a user message and its instruction, or from any input-row form
+        (``messages=``, ``instruction_spans=``, ``task=``); see :func:`directer.prompts.prompt_from_row`."""
+        return prompt_from_row(self.tokenizer, {"prompt": message, "instruction": instruction, **fields}, self.spans)
 
     @overload
-    def generate(self, prompts: str | Prompt, instruction: str | None = None, **overrides: Any) -> Completion: ...
+    def generate(
+        self, prompts: str | Prompt | dict, instruction: str | None = None, **overrides: Any
+    ) -> Completion: ...
 
     @overload
     def generate(
@@ -90,13 +95,14 @@ class Directer:
     ) -> list[Completion]: ...
 
     def generate(self, prompts, instruction=None, *, batch_size: int = 16, **overrides):
-        """Steer one prompt (with its ``instruction``) or a list of prompts or ``(prompt, instruction)`` pairs.
+        """Steer one prompt (with its ``instruction``) or a list of prompts, ``(prompt, instruction)`` pairs,
+        input-row dicts or built prompts.
 
         ``overrides`` change fields of the config for this call, e.g. ``method="zero-shot"``.
         """
-        single = isinstance(prompts, (str, Prompt))
+        single = isinstance(prompts, (str, Prompt, dict))
         items = [(prompts, instruction)] if single else [p if isinstance(p, tuple) else (p, None) for p in prompts]
-        built = [p if isinstance(p, Prompt) else self.prompt(p, i) for p, i in items]
+        built = [self._build(p, i) for p, i in items]
         completions = self.complete(built, self.config.with_(**overrides) if overrides else self.config, batch_size)
         return completions[0] if single else completions
 
@@ -118,6 +124,13 @@ class Directer:
             for index, generation in zip(chunk, self.engine.generate(requests, config)):
                 results[index] = self._completion(prompts[index], generation, config)
         return results  # type: ignore[return-value]
+
+    def _build(self, item: str | Prompt | dict, instruction: str | None) -> Prompt:
+        if isinstance(item, Prompt):
+            return item
+        if isinstance(item, dict):
+            return prompt_from_row(self.tokenizer, item, self.spans)
+        return self.prompt(item, instruction)
 
     def _completion(self, prompt: Prompt, generation: Generation, config: SteeringConfig) -> Completion:
         return Completion(

@@ -161,7 +161,11 @@ class _Decoding:
         self.prompt = ids
         self.order = torch.arange(len(requests), device=device)  # original row of each active row
         self.rank_of: torch.Tensor | None = None  # [N, L]: position of each layer in its row's ranking
-        self.rankings: list[list[int] | None] = [list(r.ranking) if r.ranking is not None else None for r in requests]
+        self.rankings: list[list[int] | None] = [
+            list(r.ranking) if r.ranking is not None and r.span else None for r in requests
+        ]
+        # a row without an instruction span has nothing to steer: it decodes as zero-shot
+        self.steerable = torch.tensor([bool(r.span) for r in requests], device=device)
         self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.finished: dict[int, FinishReason] = {}
 
@@ -194,6 +198,7 @@ class _Decoding:
                 keep = (~done).nonzero().squeeze(1)
                 cache.keep_rows(keep)
                 self.order = self.order[keep]
+                self.steerable = self.steerable[keep]
                 if self.rank_of is not None:
                     self.rank_of = self.rank_of[keep]
                 emitted = emitted[keep]
@@ -204,7 +209,8 @@ class _Decoding:
         """One decoding step for every active row; returns the emitted tokens."""
         engine, cache, config = self.engine, self.cache, self.config
         positions = cache.length - cache.pad
-        probe_rows = self._rows_to_rank() if first and config.steers else None
+        steering = config.steers and bool(self.steerable.any())
+        probe_rows = self._rows_to_rank() if first and steering else None
         capture = AttentionCapture()
         raw_pass = ForwardPass(cache, write=True)
         if probe_rows is not None:
@@ -220,13 +226,14 @@ class _Decoding:
         trials = torch.zeros_like(raw_token)
         layers = torch.zeros_like(raw_token)
         gate_skipped = torch.zeros_like(raw_token, dtype=torch.bool)
-        if config.steers:
+        if steering:
             if probe_rows is not None:
                 self._rank(token, positions, probe_rows, raw_pre, raw_post)
-                need = torch.ones_like(gate_skipped)  # no gate on the first step
+            if first:
+                need = self.steerable.clone()  # no gate on the first step
             else:
-                gate_skipped = top2_prob < config.beta * top1_prob
-                need = ~gate_skipped
+                gate_skipped = (top2_prob < config.beta * top1_prob) & self.steerable
+                need = self.steerable & ~gate_skipped
             pending = need.nonzero().squeeze(1)
             if pending.numel():
                 trial = self._batched_trials if engine.batched_trials(config) else self._lazy_trials
@@ -249,7 +256,7 @@ class _Decoding:
 
     def _rows_to_rank(self) -> torch.Tensor | None:
         """Active rows without a given ranking (on the first step every row is still active)."""
-        missing = [row for row in range(len(self.requests)) if self.rankings[row] is None]
+        missing = [row for row, r in enumerate(self.requests) if self.rankings[row] is None and r.span]
         self.rank_of = torch.zeros(
             len(self.requests), self.engine.num_layers, dtype=torch.long, device=self.engine.device
         )
@@ -327,7 +334,7 @@ class _Decoding:
                 finish_reason=self.finished[row],
                 telemetry=steps,
                 ranking=self.rankings[row] if self.config.steers else None,
-                ranking_reused=self.requests[row].ranking is not None,
+                ranking_reused=self.rankings[row] is not None and self.requests[row].ranking is not None,
             )
             for row, steps in enumerate(per_row)
         ]

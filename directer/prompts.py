@@ -7,12 +7,16 @@ so they survive any tokenizer's merges across the span's edges.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from directer.spans import find_instruction_spans
+
 CharSpan = tuple[int, int]
+SpanMode = Literal["auto", "none"]
 
 
 class PromptError(ValueError):
@@ -39,6 +43,7 @@ class Prompt:
     token_ids: list[int]
     span: list[int]  # token positions whose keys are steered
     char_spans: list[CharSpan]  # the same spans as characters of ``text``
+    span_source: str = "none"  # instruction, instruction_spans, task, auto or none
 
     @property
     def token_span(self) -> tuple[int, int] | None:
@@ -101,11 +106,13 @@ def build_prompt(
     spans: Sequence[Sequence[int]] | None = None,
     system: str | None = None,
     chat_template: bool = True,
+    span_source: str | None = None,
 ) -> Prompt:
     """Render a user ``message`` (or a chat list ``messages``) and locate its instruction.
 
-    Give the instruction as a substring of the (last) user message, whose first occurrence is
-    steered, or as character ``spans`` of it; with neither, nothing is steered.
+    Give the instruction as a substring of the last user message (its first occurrence is steered;
+    with ``messages``, a system message is searched when the user message lacks it), or as character
+    ``spans`` of the last user message; with neither, nothing is steered.
     """
     if messages is not None:
         turns, message = _check_messages(messages)
@@ -117,16 +124,20 @@ def build_prompt(
         turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
     if instruction is not None and spans is not None:
         raise SpanError("give the instruction as text or as spans, not both")
+    target, role = message, "user"
     if instruction is not None:
         if not isinstance(instruction, str):
             raise SpanError(f"expected a string, got {type(instruction).__name__}")
-        message_spans = instruction_spans(message, instruction)
+        systems = [t["content"] for t in turns if t["role"] == "system" and instruction in t["content"]]
+        if instruction not in message and systems:
+            target, role = systems[0], "system"
+        message_spans = instruction_spans(target, instruction)
     else:
         message_spans = check_spans(message, spans if spans is not None else [])
     templated = chat_template and tokenizer.chat_template is not None
     if templated:
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        offset = text.rfind(message)
+        offset = text.rfind(target) if role == "user" else text.find(target)
         if offset < 0:
             raise PromptError("the chat template rewrites the message; cannot place the instruction in it")
     else:
@@ -140,7 +151,54 @@ def build_prompt(
     ]
     if char_spans and not positions:
         raise SpanError("maps to no token")
-    return Prompt(text=text, token_ids=list(encoded["input_ids"]), span=positions, char_spans=char_spans)
+    if span_source is None:
+        span_source = "instruction" if instruction is not None else "instruction_spans" if char_spans else "none"
+    return Prompt(
+        text=text,
+        token_ids=list(encoded["input_ids"]),
+        span=positions,
+        char_spans=char_spans,
+        span_source=span_source,
+    )
+
+
+def prompt_from_row(tokenizer: PreTrainedTokenizerBase, row: Mapping[str, Any], spans: SpanMode = "auto") -> Prompt:
+    """Build the prompt of an input row in any of its accepted forms.
+
+    ``prompt`` or ``messages`` (chat list), with ``instruction`` (a substring) or ``instruction_spans``
+    (``[start, end)`` character offsets); or ``task`` + ``instruction`` (the prompt is the task, a
+    blank line, and the instruction); with no instruction, ``spans="auto"`` detects it with
+    :func:`directer.spans.find_instruction_spans` and ``"none"`` steers nothing.
+    """
+    if spans not in ("auto", "none"):
+        raise ValueError(f"spans must be auto or none, got {spans!r}")
+
+    instruction, char_spans = row.get("instruction"), row.get("instruction_spans")
+    if instruction is not None and char_spans is not None:
+        raise SpanError("give instruction or instruction_spans, not both")
+    message, messages, source = row.get("prompt"), row.get("messages"), None
+    if message is None and messages is None and row.get("task") is not None:
+        task = row["task"]
+        if not isinstance(task, str) or not task.strip():
+            raise PromptError(
+                "missing or empty" if isinstance(task, str) else f"expected a string, got {type(task).__name__}", "task"
+            )
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise SpanError("a task needs an instruction to append")
+        message, source = f"{task.rstrip()}\n\n{instruction.strip()}", "task"
+        instruction = instruction.strip()
+    if instruction is None and char_spans is None and spans == "auto":
+        text = _check_messages(messages)[1] if messages is not None else message
+        if isinstance(text, str) and text.strip():
+            char_spans, source = find_instruction_spans(text), "auto"
+    return build_prompt(
+        tokenizer,
+        message if messages is None else None,
+        messages=messages,
+        instruction=instruction,
+        spans=char_spans,
+        span_source=source,
+    )
 
 
 def _quote(text: str, limit: int = 80) -> str:

@@ -183,3 +183,17 @@ def _merge(text: str, spans: list[CharSpan]) -> list[CharSpan]:
         else:
             merged.append((start, end))
     return merged
+
+
+def character_scores(
+    texts: list[str], predicted: list[list[CharSpan]], gold: list[list[CharSpan]]
+) -> tuple[float, float]:
+    """Character-level precision and recall of predicted spans against gold (whitespace ignored)."""
+    hits = predicted_total = gold_total = 0
+    for text, pred, true in zip(texts, predicted, gold):
+        pred_chars = {i for a, b in pred for i in range(a, b) if not text[i].isspace()}
+        gold_chars = {i for a, b in true for i in range(a, b) if not text[i].isspace()}
+        hits += len(pred_chars & gold_chars)
+        predicted_total += len(pred_chars)
+        gold_total += len(gold_chars)
+    return hits / max(predicted_total, 1), hits / max(gold_total, 1)

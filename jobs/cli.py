@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -34,6 +35,7 @@ DtypeOption = Annotated[
     str | None, typer.Option(help="float32, bfloat16 or float16; default bf16 on GPU, fp32 on CPU.")
 ]
 TrustOption = Annotated[bool, typer.Option(help="Allow the model's own code from the hub.")]
+SpansOption = Annotated[str, typer.Option(help="When no instruction is given: auto detects one, none steers nothing.")]
 
 
 @app.callback()
@@ -71,6 +73,7 @@ def run(
     beta: BetaOption = 0.5,
     max_trials: MaxTrialsOption = 10,
     max_new_tokens: MaxNewTokensOption = 256,
+    spans: SpansOption = "auto",
     compare: Annotated[bool, typer.Option("--compare", help="Show zero-shot and Directer side by side.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: DeviceOption = None,
@@ -86,15 +89,20 @@ def run(
         )
     except ValueError as error:
         raise _fail(str(error)) from None
-    if instruction is None and config.steers:
-        console.print("[yellow]no --instruction given: nothing to steer, the output is zero-shot[/]")
     _quiet_transformers()
     try:
         with console.status(f"loading {model}"):
-            steerer = Directer.from_pretrained(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            steerer = Directer.from_pretrained(
+                model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, spans=spans
+            )
         if instruction is not None and instruction not in prompt:
             prompt = f"{prompt}\n\n{instruction}"
         built = steerer.prompt(prompt, instruction)
+        if not built.span and config.steers:
+            console.print("[yellow]no instruction given or found: nothing to steer, the output is zero-shot[/]")
+        elif built.span_source == "auto":
+            detected = " | ".join(built.text[start:end] for start, end in built.char_spans)
+            console.print(f"[dim]instruction detected: {detected}[/]")
     except (ModelNotFoundError, SpanError, ValueError) as error:
         raise _fail(str(error)) from None
     methods = ["zero-shot", "directer"] if compare else [config.method]
@@ -143,6 +151,7 @@ def generate(
     ranking_cache: Annotated[
         str | None, typer.Option(help="Folder of cached layer rankings; default OUTPUT/ranking_cache.")
     ] = None,
+    spans: SpansOption = "auto",
     address: Annotated[str | None, typer.Option(help="Ray cluster to join; default an embedded local Ray.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over instead of resuming.")] = False,
     examples: Annotated[int, typer.Option(help="Side-by-side examples to print at the end.")] = 3,
@@ -163,7 +172,7 @@ def generate(
         config = GenerateConfig(
             inputs=tuple(inputs), output=output, model=model, steering=steering, actors=actors,
             gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
-            ranking_cache=ranking_cache, address=address, overwrite=overwrite, device=device, dtype=dtype,
+            ranking_cache=ranking_cache, spans=spans, address=address, overwrite=overwrite, device=device, dtype=dtype,
             trust_remote_code=trust_remote_code,
         )  # fmt: skip
         _quiet_transformers()
@@ -173,6 +182,29 @@ def generate(
     print_report(report)
     if examples:
         print_examples(config, examples)
+
+
+@app.command("ifeval")
+def ifeval_rows(
+    output: Annotated[str, typer.Option("--output", "-o", help="Parquet file to write the input rows to.")],
+    data: Annotated[str | None, typer.Option(help="IFEval input_data.jsonl; default the packaged copy.")] = None,
+    spans: Annotated[str, typer.Option(help="gold (instruction_spans.jsonl beside it), auto or none.")] = "gold",
+    limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
+) -> None:
+    """Write IFEval's prompts as input rows for directer generate."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from directer.ifeval import load_ifeval
+
+    try:
+        rows = load_ifeval(data, spans=spans, limit=limit)  # type: ignore[arg-type]
+    except (FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), output)
+    steered = sum(bool(r["instruction_spans"]) for r in rows)
+    Console().print(f"{len(rows)} IFEval rows ({steered} with spans, {spans}) -> {output}")
 
 
 def print_report(report) -> None:

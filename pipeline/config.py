@@ -17,6 +17,7 @@ class GenerateConfig:
     cpus_per_actor: ``None`` shares the CPUs left after one for Ray Data's read and write tasks.
     threads_per_actor: torch threads of a CPU actor; ``None`` shares the cluster's CPUs between actors.
     ranking_cache: folder of cached layer rankings; default ``OUTPUT/ranking_cache``.
+    spans: for rows that name no instruction, ``auto`` detects one and ``none`` steers nothing.
     """
 
     inputs: tuple[str, ...]
@@ -29,6 +30,7 @@ class GenerateConfig:
     threads_per_actor: int | None = None
     batch_size: int = 16
     ranking_cache: str | None = None
+    spans: str = "auto"
     address: str | None = None
     overwrite: bool = False
     device: str | None = None
@@ -42,6 +44,8 @@ class GenerateConfig:
             raise ValueError(f"--actors must be at least 1, got {self.actors}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.spans not in ("auto", "none"):
+            raise ValueError(f"--spans must be auto or none, got {self.spans!r}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ValueError(f"--gpus-per-actor must not be negative, got {self.gpus_per_actor}")
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from directer.prompts import Prompt, PromptError, build_prompt
+from directer.prompts import Prompt, PromptError, SpanMode, prompt_from_row
 
 
 class RowError(ValueError):
@@ -23,10 +23,6 @@ def row_id(row: dict[str, Any]) -> str | None:
     return None if value is None else value if isinstance(value, str) else str(value)
 
 
-def _present(row: dict[str, Any], field: str) -> bool:
-    return row.get(field) is not None
-
-
 def prepare_row(
     row: dict[str, Any],
     tokenizer: PreTrainedTokenizerBase,
@@ -34,6 +30,7 @@ def prepare_row(
     duplicates: dict[str, int],
     context_length: int | None,
     max_new_tokens: int,
+    spans: SpanMode = "auto",
 ) -> Prompt:
     """The row's prompt with its instruction placed, or :class:`RowError`."""
     value = row.get("id")
@@ -43,16 +40,8 @@ def prepare_row(
         raise RowError("id", f"expected a string, got {type(value).__name__}")
     if value in duplicates:
         raise RowError("id", f"{value!r} appears {duplicates[value]} times in the input; ids must be unique")
-    if _present(row, "instruction") and _present(row, "instruction_spans"):
-        raise RowError("instruction", "give instruction or instruction_spans, not both")
     try:
-        prompt = build_prompt(
-            tokenizer,
-            row.get("prompt") if not _present(row, "messages") else None,
-            messages=row.get("messages") if _present(row, "messages") else None,
-            instruction=row.get("instruction"),
-            spans=row.get("instruction_spans"),
-        )
+        prompt = prompt_from_row(tokenizer, row, spans)
     except PromptError as error:
         raise RowError(error.field, error.problem) from None
     if context_length is not None and len(prompt.token_ids) + max_new_tokens > context_length:

@@ -52,6 +52,7 @@ GENERATED = pa.schema(
         ("completion_tokens", pa.int32()),
         ("token_ids", pa.list_(pa.int32())),
         ("instruction_tokens", pa.int32()),
+        ("span_source", pa.string()),
         ("method", pa.string()),
         ("config_fingerprint", pa.string()),
         ("config", pa.string()),
@@ -109,6 +110,7 @@ class GenerateStage:
                     duplicates=self.duplicates,
                     context_length=loaded.context_length,
                     max_new_tokens=self.steering.max_new_tokens,
+                    spans=self.config.spans,
                 )
             except RowError as error:
                 errors[index] = str(error)
@@ -162,6 +164,7 @@ class GenerateStage:
             "completion_tokens": len(completion.token_ids),
             "token_ids": completion.token_ids,
             "instruction_tokens": len(completion.prompt.span),
+            "span_source": completion.prompt.span_source,
             "ranking": completion.ranking,
             "ranking_cache": cache,
             "steering": asdict(completion.summary),

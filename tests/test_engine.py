@@ -123,6 +123,24 @@ def test_given_ranking_skips_probes_and_keeps_tokens():
     for a, b in zip(computed, reused):
         assert not a.ranking_reused and b.ranking_reused
         assert a.token_ids == b.token_ids and a.ranking == b.ranking
+        assert [(s.gate_skipped, s.trials, s.layers) for s in a.telemetry] == [
+            (s.gate_skipped, s.trials, s.layers) for s in b.telemetry
+        ]
+
+
+def test_rows_without_a_span_decode_as_zero_shot_beside_steered_rows():
+    model = tiny_model("gemma2", seed=3)
+    engine = Engine(model, [1], 0)
+    requests = random_requests(4, seed=8)
+    mixed = [requests[0], Request(requests[1].prompt_ids), requests[2], Request(requests[3].prompt_ids)]
+    generations = engine.generate(mixed, SteeringConfig(max_new_tokens=MAX_NEW))
+    plain = engine.generate(mixed, SteeringConfig(method="zero-shot", max_new_tokens=MAX_NEW))
+    for index in (1, 3):
+        assert generations[index].token_ids == plain[index].token_ids
+        assert generations[index].ranking is None
+        assert all(s.trials == 0 and not s.gate_skipped for s in generations[index].telemetry)
+    for index in (0, 2):
+        assert_matches(generations[index], oracle(model, mixed[index]))
 
 
 def test_alpha_one_is_zero_shot():

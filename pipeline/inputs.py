@@ -103,13 +103,21 @@ def read_dataset(sources: list[Source]):
                 by_schema.setdefault(pq.read_schema(path).remove_metadata().to_string(), []).append(path)
             datasets += [ray.data.read_parquet(paths) for paths in by_schema.values()]
         elif source.kind == "json":
-            datasets.append(ray.data.read_json(list(source.paths), lines=True))
+            # JSON rows of mixed shapes can come back as pandas blocks: one block type for the union
+            datasets.append(
+                ray.data.read_json(list(source.paths), lines=True).map_batches(_as_arrow, batch_format="pyarrow")
+            )
         else:
             import datasets as hf_datasets
 
-            datasets.append(ray.data.from_huggingface(hf_datasets.load_from_disk(source.paths[0])))
+            dataset = ray.data.from_huggingface(hf_datasets.load_from_disk(source.paths[0]))
+            datasets.append(dataset.map_batches(_as_arrow, batch_format="pyarrow"))
     first, *rest = datasets
     return first.union(*rest) if rest else first
+
+
+def _as_arrow(batch: pa.Table) -> pa.Table:
+    return batch
 
 
 def output_ids(data_dir: Path) -> tuple[set[str], bool, int]:

@@ -150,3 +150,32 @@ def test_bad_configuration_fails_before_ray(tmp_path):
     (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "prompt": "hi"}) + "\n")
     with pytest.raises(ModelNotFoundError, match="unknown model"):
         generate(GenerateConfig(inputs=(str(tmp_path / "in.jsonl"),), output=str(tmp_path / "out"), model="nope"))
+
+
+def test_row_forms_from_jsonl_and_a_datasets_folder(tmp_path):
+    import datasets
+
+    rows = [
+        {"id": "task", "task": "Describe a harbour.", "instruction": "Answer in lowercase."},
+        {"id": "chat", "messages": [{"role": "user", "content": "Name a tree. Be brief."}], "instruction": "Be brief."},
+        {"id": "spans", "prompt": "Answer in French. Describe Lyon.", "instruction_spans": [[0, 17]]},
+        {"id": "auto", "prompt": "Tell me about Mars. Your answer must contain exactly 3 bullet points."},
+    ]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    datasets.Dataset.from_list(
+        [{"id": "hf", "prompt": "Name a color. Use one word.", "instruction": "Use one word."}]
+    ).save_to_disk(str(tmp_path / "hf"))
+    sources = {"auto": "auto", "none": "none"}
+    for mode in sources:
+        config = GenerateConfig(
+            inputs=(str(tmp_path / "rows.jsonl"), str(tmp_path / "hf")), output=str(tmp_path / mode), spans=mode,
+            steering=SteeringConfig(max_new_tokens=4),
+        )  # fmt: skip
+        report = generate(config, progress=False)
+        assert report.ok == 5 and report.errors == 0
+        out = {r["id"]: r for r in read_output(tmp_path / mode)}
+        assert {i: r["span_source"] for i, r in out.items()} == {
+            "task": "task", "chat": "instruction", "spans": "instruction_spans", "hf": "instruction", "auto": mode
+        }  # fmt: skip
+        assert (out["auto"]["instruction_tokens"] > 0) == (mode == "auto")
+        assert (out["auto"]["ranking"] is not None) == (mode == "auto")

@@ -161,6 +161,12 @@ def load_model(
     return LoadedModel(model, tokenizer, name, eos_token_ids(model, tokenizer))
 
 
+def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Only the tokenizer (for reports that show tokens)."""
+    source, extra = _source(name)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+
+
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
     """Every end-of-sequence id the generation config or the tokenizer names."""
     ids: list[int] = []

@@ -184,6 +184,67 @@ def generate(
         print_examples(config, examples)
 
 
+@app.command("eval")
+def evaluate(
+    benchmark: Annotated[str, typer.Argument(help="ifeval, or a Parquet/JSONL file of IFEval-style rows.")] = "ifeval",
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder.")] = "runs/eval",
+    methods: Annotated[str, typer.Option(help="Comma-separated: zero-shot, directer.")] = "zero-shot,directer",
+    data: Annotated[str | None, typer.Option(help="IFEval input_data.jsonl; default the packaged copy.")] = None,
+    spans: Annotated[str, typer.Option(help="gold, auto or none (for ifeval).")] = "gold",
+    limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
+    model: ModelOption = "smollm2-135m",
+    max_new_tokens: MaxNewTokensOption = 256,
+    alpha: AlphaOption = 100.0,
+    beta: BetaOption = 0.5,
+    actors: Annotated[int, typer.Option(help="Model copies (Ray actors).")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Rows decoded together by one actor.")] = 16,
+    gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor.")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join; default an embedded local Ray.")] = None,
+) -> None:
+    """Generate with each method, score with IFEval's checkers, write scores, summary and reports."""
+    from directer.models import ModelNotFoundError
+    from pipeline.evaluate import EvalConfig
+    from pipeline.evaluate import evaluate as run_evaluation
+    from pipeline.inputs import InputError
+
+    try:
+        config = EvalConfig(
+            benchmark=benchmark, output=output, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+            data=data, spans=spans, limit=limit, model=model, actors=actors, batch_size=batch_size, address=address,
+            gpus_per_actor=gpus_per_actor,
+            steering=SteeringConfig(alpha=alpha, beta=beta, max_new_tokens=max_new_tokens),
+        )  # fmt: skip
+        _quiet_transformers()
+        summary = run_evaluation(config)
+    except (InputError, ModelNotFoundError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    print_accuracy(summary, output)
+
+
+@app.command()
+def report(run_dir: Annotated[str, typer.Argument(help="A directer eval output folder.")]) -> None:
+    """Rebuild summary.json, the plots, report.md and report.html of an evaluation."""
+    from pipeline.report import build_report
+
+    if not (Path(run_dir) / "scores.parquet").is_file():
+        raise _fail(f"{run_dir} holds no scores.parquet; is it a directer eval output?")
+    _quiet_transformers()
+    print_accuracy(build_report(Path(run_dir)), run_dir)
+
+
+def print_accuracy(summary: dict, output: str) -> None:
+    from pipeline.report import METRIC_NAMES, METRICS, _accuracy_rows
+
+    table = Table(title=f"IFEval accuracy ({output}/report.html)")
+    table.add_column("method")
+    for metric in METRICS:
+        table.add_column(METRIC_NAMES[metric])
+    methods = list(summary["accuracy"])
+    for row in _accuracy_rows(summary, methods):
+        table.add_row(*row)
+    Console().print(table)
+
+
 @app.command("ifeval")
 def ifeval_rows(
     output: Annotated[str, typer.Option("--output", "-o", help="Parquet file to write the input rows to.")],

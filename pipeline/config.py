@@ -18,6 +18,7 @@ class GenerateConfig:
     threads_per_actor: torch threads of a CPU actor; ``None`` shares the cluster's CPUs between actors.
     ranking_cache: folder of cached layer rankings; default ``OUTPUT/ranking_cache``.
     spans: for rows that name no instruction, ``auto`` detects one and ``none`` steers nothing.
+    score_nll: also store each completion's mean negative log-likelihood under the unsteered model.
     """
 
     inputs: tuple[str, ...]
@@ -31,6 +32,7 @@ class GenerateConfig:
     batch_size: int = 16
     ranking_cache: str | None = None
     spans: str = "auto"
+    score_nll: bool = False
     address: str | None = None
     overwrite: bool = False
     device: str | None = None

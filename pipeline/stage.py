@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from directer.quality import completion_nll, distinct_n
 from pipeline.config import GenerateConfig
 from pipeline.ranking_cache import RankingCache
 from pipeline.rows import RowError, prepare_row, row_id
@@ -53,6 +54,8 @@ GENERATED = pa.schema(
         ("token_ids", pa.list_(pa.int32())),
         ("instruction_tokens", pa.int32()),
         ("span_source", pa.string()),
+        ("nll", pa.float32()),
+        ("distinct_2", pa.float32()),
         ("method", pa.string()),
         ("config_fingerprint", pa.string()),
         ("config", pa.string()),
@@ -165,6 +168,10 @@ class GenerateStage:
             "token_ids": completion.token_ids,
             "instruction_tokens": len(completion.prompt.span),
             "span_source": completion.prompt.span_source,
+            "nll": completion_nll(self.steerer.loaded.model, completion.prompt.token_ids, completion.token_ids)
+            if self.config.score_nll
+            else None,
+            "distinct_2": distinct_n(completion.text),
             "ranking": completion.ranking,
             "ranking_cache": cache,
             "steering": asdict(completion.summary),

@@ -1,0 +1,135 @@
+"""``directer eval``: generate with several methods through the pipeline, score with IFEval's checkers.
+
+Writes under the output folder: ``inputs.parquet``, ``runs/<method>/`` (each a ``directer
+generate`` output, sharing one ranking cache), ``scores.parquet`` (one row per prompt, instruction
+and method), and the report (``summary.json``, ``report.md``, ``report.html``, PNG plots).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from directer.config import SteeringConfig
+from directer.ifeval import load_ifeval
+from directer.models import DEFAULT_MODEL
+from directer.scoring import score_response
+from pipeline.config import GenerateConfig
+from pipeline.inputs import InputError
+from pipeline.run import generate
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """An evaluation: ``benchmark`` is ``ifeval`` or a Parquet/JSONL file of IFEval-style rows
+    (``id``, ``prompt``, spans, ``instruction_id_list``, ``kwargs``)."""
+
+    benchmark: str = "ifeval"
+    output: str = "runs/eval"
+    methods: tuple[str, ...] = ("zero-shot", "directer")
+    data: str | None = None
+    spans: str = "gold"
+    limit: int | None = None
+    model: str = DEFAULT_MODEL
+    steering: SteeringConfig = field(default_factory=SteeringConfig)
+    actors: int = 1
+    batch_size: int = 16
+    address: str | None = None
+    gpus_per_actor: float | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.methods) - {"zero-shot", "directer"}
+        if unknown or not self.methods:
+            raise ValueError(f"--methods takes zero-shot and/or directer, got {', '.join(self.methods)}")
+        if self.spans not in ("gold", "auto", "none"):
+            raise ValueError(f"--spans must be gold, auto or none, got {self.spans!r}")
+
+
+def load_rows(config: EvalConfig) -> list[dict[str, Any]]:
+    """The benchmark's input rows; a user's own file must carry IFEval-style checker fields."""
+    if config.benchmark == "ifeval":
+        return load_ifeval(config.data, spans=config.spans, limit=config.limit)  # type: ignore[arg-type]
+    path = Path(config.benchmark)
+    if not path.is_file():
+        raise InputError(f"benchmark is neither 'ifeval' nor a file: {config.benchmark}")
+    fmt = "json" if path.suffix in (".jsonl", ".json") else "parquet"
+    rows = pads.dataset(str(path), format=fmt).to_table().to_pylist()[: config.limit]
+    for index, row in enumerate(rows):
+        for name in ("id", "instruction_id_list", "kwargs"):
+            if row.get(name) is None:
+                raise InputError(f"row {index}: field {name!r} is missing; evaluation rows need IFEval checker fields")
+        if not isinstance(row["kwargs"], str):
+            row["kwargs"] = json.dumps(row["kwargs"])
+    return rows
+
+
+def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Generate with every method, score, and write the report; returns the summary."""
+    from pipeline.report import build_report
+
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(config)
+    inputs = output / "inputs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), inputs)
+    (output / "eval.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    reports = {}
+    for method in config.methods:
+        run = GenerateConfig(
+            inputs=(str(inputs),),
+            output=str(output / "runs" / method),
+            model=config.model,
+            steering=replace(config.steering, method=method),
+            actors=config.actors,
+            batch_size=config.batch_size,
+            ranking_cache=str(output / "ranking_cache"),
+            address=config.address,
+            gpus_per_actor=config.gpus_per_actor,
+            spans="none",  # the benchmark's rows carry their spans (gold or detected)
+            score_nll=True,
+        )
+        reports[method] = generate(run, progress=progress).to_dict()
+    (output / "generation_reports.json").write_text(json.dumps(reports, indent=2, default=str))
+    score_runs(output, config.methods)
+    return build_report(output)
+
+
+def read_run(output: Path, method: str) -> list[dict[str, Any]]:
+    return pads.dataset(str(output / "runs" / method / "data"), format="parquet").to_table().to_pylist()
+
+
+def score_runs(output: Path, methods: tuple[str, ...] | list[str]) -> pa.Table:
+    """``scores.parquet``: one row per (method, prompt, instruction) with strict and loose verdicts."""
+    inputs = {r["id"]: r for r in pq.read_table(output / "inputs.parquet").to_pylist()}
+    records = []
+    for method in methods:
+        for row in read_run(output, method):
+            source = inputs[row["id"]]
+            ids = list(source["instruction_id_list"])
+            if row["status"] != "ok":
+                verdict_strict = verdict_loose = [False] * len(ids)
+            else:
+                verdict = score_response(source["prompt"], ids, source["kwargs"], row["completion"])
+                verdict_strict, verdict_loose = verdict.strict, verdict.loose
+            for instruction, strict, loose in zip(ids, verdict_strict, verdict_loose):
+                records.append(
+                    {
+                        "method": method,
+                        "id": row["id"],
+                        "instruction_id": instruction,
+                        "strict": strict,
+                        "loose": loose,
+                        "prompt_strict": all(verdict_strict),
+                        "prompt_loose": all(verdict_loose),
+                        "status": row["status"],
+                    }
+                )
+    table = pa.Table.from_pylist(records)
+    pq.write_table(table, output / "scores.parquet")
+    return table

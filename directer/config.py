@@ -21,8 +21,8 @@ class SteeringConfig:
         more than ``beta`` times the probability of its own top-1 token.
     max_trials: steered passes allowed per step before falling back to the unsteered token.
     trial_schedule: ``lazy`` runs one trial at a time and only for rows that still need it (best
-        when compute-bound, e.g. on a CPU); ``batched`` runs every trial of a step in one forward
-        (best when memory-bound, e.g. GPU decoding); ``auto`` picks by device.
+        when compute-bound); ``batched`` runs every trial of a step in one forward (best when
+        memory-bound: GPU decoding, or a CPU with few rows needing trials); ``auto`` picks per step.
     """
 
     method: Method = "directer"

@@ -28,6 +28,8 @@ from directer.config import SteeringConfig
 from directer.ranking import AttentionCapture, rank_layers, sensitivity
 
 FinishReason = Literal["stop", "length"]
+# up to this many variant tokens, one batched trial pass beats lazy trials on a CPU (memory-bound)
+CPU_BATCHED_TRIAL_TOKENS = 64
 
 
 @dataclass
@@ -125,9 +127,12 @@ class Engine:
         with torch.inference_mode(), engine_attention(self.model):
             return _Decoding(self, requests, config).run()
 
-    def batched_trials(self, config: SteeringConfig) -> bool:
+    def batched_trials(self, config: SteeringConfig, rows: int) -> bool:
+        """Run this step's trials as one pass? Yes where a forward costs about the same for a few more
+        tokens (GPUs; a CPU up to a few dozen tokens, as measured in BENCHMARKS.md), else one by one."""
         if config.trial_schedule == "auto":
-            return self.device.type != "cpu"
+            trials = len(trial_sizes(self.num_layers, config.max_trials))
+            return self.device.type != "cpu" or rows * trials <= CPU_BATCHED_TRIAL_TOKENS
         return config.trial_schedule == "batched"
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, fp: ForwardPass) -> torch.Tensor:
@@ -236,7 +241,7 @@ class _Decoding:
                 need = self.steerable & ~gate_skipped
             pending = need.nonzero().squeeze(1)
             if pending.numel():
-                trial = self._batched_trials if engine.batched_trials(config) else self._lazy_trials
+                trial = self._batched_trials if engine.batched_trials(config, len(pending)) else self._lazy_trials
                 trial(token, positions, pending, probs, top1_prob, emitted, trials, layers)
         cache.length += 1
         record = torch.stack(

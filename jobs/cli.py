@@ -268,6 +268,80 @@ def ifeval_rows(
     Console().print(f"{len(rows)} IFEval rows ({steered} with spans, {spans}) -> {output}")
 
 
+@app.command(context_settings={"ignore_unknown_options": True})
+def submit(
+    command: Annotated[list[str], typer.Argument(help="The directer command to run, after --.")],
+    address: Annotated[
+        str | None, typer.Option(help="Ray dashboard address; default $RAY_ADDRESS or http://127.0.0.1:8265.")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to end.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", help="Stream the job's logs until it ends.")] = False,
+    env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE set in the job's environment (repeatable).")] = None,
+    pip: Annotated[list[str] | None, typer.Option(help="Extra pip requirement for the job (repeatable).")] = None,
+) -> None:
+    """Submit a directer command as a Ray job, e.g. directer submit --wait -- generate data/ --output /shared/out.
+
+    The token of a cluster with token authentication is read from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    Ray's default token file (ray get-auth-token).
+    """
+    from jobs import submit as jobs
+
+    try:
+        variables = dict(item.split("=", 1) for item in env or [])
+    except ValueError:
+        raise _fail("--env takes KEY=VALUE") from None
+    try:
+        job_id = jobs.submit(command, address=address, env=variables, pip=pip)
+    except Exception as error:  # noqa: BLE001 - connection and authentication errors come in many types
+        raise _fail(f"could not submit the job: {error}") from None
+    print(job_id)
+    if follow:
+        final = jobs.follow(job_id, address)
+    elif wait:
+        with console.status(f"waiting for {job_id}"):
+            final = jobs.wait(job_id, address)
+    else:
+        return
+    console.print(f"job {job_id}: {final}")
+    if final != "SUCCEEDED":
+        raise typer.Exit(code=1)
+
+
+jobs_app = typer.Typer(help="Follow and control submitted Ray jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("status")
+def job_status(job_id: str, address: Annotated[str | None, typer.Option(help="Ray dashboard address.")] = None) -> None:
+    """Print the job's status."""
+    from jobs import submit as jobs
+
+    print(jobs.status(job_id, address))
+
+
+@jobs_app.command("logs")
+def job_logs(
+    job_id: str,
+    address: Annotated[str | None, typer.Option(help="Ray dashboard address.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Stream until the job ends.")] = False,
+) -> None:
+    """Print the job's logs."""
+    from jobs import submit as jobs
+
+    if follow:
+        jobs.follow(job_id, address)
+    else:
+        sys.stdout.write(jobs.logs(job_id, address))
+
+
+@jobs_app.command("stop")
+def job_stop(job_id: str, address: Annotated[str | None, typer.Option(help="Ray dashboard address.")] = None) -> None:
+    """Stop the job."""
+    from jobs import submit as jobs
+
+    print("stopped" if jobs.stop(job_id, address) else "not running")
+
+
 def print_report(report) -> None:
     out = Console()
     table = Table(title=f"directer generate -> {report.output}", show_header=False)

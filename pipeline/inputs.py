@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 JSON_SUFFIXES = (".jsonl", ".json")
+TEXT_FIELDS = ("id", "prompt", "instruction", "task")
+TYPE_ERRORS = "_type_errors"  # internal column: "field=type" for input fields of the wrong type
 
 
 class InputError(ValueError):
@@ -103,21 +106,37 @@ def read_dataset(sources: list[Source]):
                 by_schema.setdefault(pq.read_schema(path).remove_metadata().to_string(), []).append(path)
             datasets += [ray.data.read_parquet(paths) for paths in by_schema.values()]
         elif source.kind == "json":
-            # JSON rows of mixed shapes can come back as pandas blocks: one block type for the union
-            datasets.append(
-                ray.data.read_json(list(source.paths), lines=True).map_batches(_as_arrow, batch_format="pyarrow")
-            )
+            datasets.append(ray.data.read_json(list(source.paths), lines=True))
         else:
             import datasets as hf_datasets
 
-            dataset = ray.data.from_huggingface(hf_datasets.load_from_disk(source.paths[0]))
-            datasets.append(dataset.map_batches(_as_arrow, batch_format="pyarrow"))
+            datasets.append(ray.data.from_huggingface(hf_datasets.load_from_disk(source.paths[0])))
+    # one schema for the known fields, and Arrow blocks (JSON of mixed shapes can come back as pandas)
+    datasets = [dataset.map_batches(normalize_types, batch_format="pyarrow") for dataset in datasets]
     first, *rest = datasets
     return first.union(*rest) if rest else first
 
 
-def _as_arrow(batch: pa.Table) -> pa.Table:
-    return batch
+def normalize_types(batch: pa.Table) -> pa.Table:
+    """Write the text fields as text whatever a shard typed them, noting each wrong type in
+    ``TYPE_ERRORS`` so the row becomes an error row naming the field, not a failed read."""
+    notes: list[list[str]] = [[] for _ in range(batch.num_rows)]
+    for name in TEXT_FIELDS:
+        if name not in batch.column_names:
+            continue
+        kind = batch.schema.field(name).type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind):
+            continue
+        values = batch.column(name).to_pylist()
+        for row, value in enumerate(values):
+            if value is not None:
+                notes[row].append(f"{name}={type(value).__name__}")
+        text = [None if v is None else json.dumps(v) for v in values]
+        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(text, pa.string()))
+    column = pa.array([",".join(n) or None for n in notes], pa.string())
+    if TYPE_ERRORS in batch.column_names:
+        return batch.set_column(batch.schema.get_field_index(TYPE_ERRORS), TYPE_ERRORS, column)
+    return batch.append_column(TYPE_ERRORS, column)
 
 
 def output_ids(data_dir: Path) -> tuple[set[str], bool, int]:

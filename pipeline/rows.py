@@ -7,6 +7,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from directer.prompts import Prompt, PromptError, SpanMode, prompt_from_row
+from pipeline.inputs import TYPE_ERRORS
 
 
 class RowError(ValueError):
@@ -33,6 +34,10 @@ def prepare_row(
     spans: SpanMode = "auto",
 ) -> Prompt:
     """The row's prompt with its instruction placed, or :class:`RowError`."""
+    for note in (row.get(TYPE_ERRORS) or "").split(","):
+        if note:
+            field, kind = note.split("=", 1)
+            raise RowError(field, f"expected a string, got {kind}")
     value = row.get("id")
     if value is None or value == "":
         raise RowError("id", "missing or empty")

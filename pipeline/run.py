@@ -8,6 +8,7 @@ its rankings do not depend on the run).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -59,8 +60,8 @@ def init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)  # a cluster (inside a Ray job: the job's own)
     else:
         ray.init(include_dashboard=False, log_to_driver=True)
 
@@ -80,6 +81,11 @@ def resolve_resources(config: GenerateConfig) -> GenerateConfig:
         cpus = 1.0 if gpus else min(max(spare / config.actors, 0.25), 4.0)
     threads = config.threads_per_actor or max(1, int(resources.get("CPU", 1) // config.actors))
     return replace(config, gpus_per_actor=gpus, cpus_per_actor=cpus, threads_per_actor=threads)
+
+
+def rows_per_block(rows: int, config: GenerateConfig) -> int:
+    """About four blocks per actor, each at least a batch and at most 1024 rows."""
+    return max(config.batch_size, min(1024, -(-rows // (4 * config.actors))))
 
 
 def drop_done(batch: pa.Table, done: pa.Array, missing_done: bool) -> pa.Table:
@@ -117,7 +123,9 @@ def generate(config: GenerateConfig, progress: bool = True) -> RunReport:
     todo = sum(1 for i in ids if not (i is None and missing_done) and (i is None or str(i) not in done))
     report.skipped = len(ids) - todo
     if todo:
-        dataset = read_dataset(sources)
+        # streaming re-blocking: enough blocks to keep every actor busy and to write (and resume) as
+        # results come, whatever the input files' sizes
+        dataset = read_dataset(sources).repartition(target_num_rows_per_block=rows_per_block(todo, config))
         if done or missing_done:
             dataset = dataset.map_batches(
                 drop_done,

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from directer.quality import completion_nll, distinct_n
 from pipeline.config import GenerateConfig
+from pipeline.inputs import TYPE_ERRORS
 from pipeline.ranking_cache import RankingCache
 from pipeline.rows import RowError, prepare_row, row_id
 
@@ -124,9 +125,7 @@ class GenerateStage:
             self._record(i, completions.get(i), errors.get(i), cache_hits.get(i), seconds) for i in range(len(rows))
         ]
         generated = pa.Table.from_pylist(records, schema=GENERATED)
-        passthrough = _text_fields_as_strings(
-            batch.drop_columns([c for c in batch.column_names if c in OUTPUT_COLUMNS])
-        )
+        passthrough = batch.drop_columns([c for c in batch.column_names if c in OUTPUT_COLUMNS or c == TYPE_ERRORS])
         ids = pa.array([row_id(row) for row in rows], type=pa.string())
         columns = {"id": ids, **{c: passthrough.column(c) for c in passthrough.column_names}}
         columns.update({c: generated.column(c) for c in generated.column_names})
@@ -179,16 +178,3 @@ class GenerateStage:
             "batch_seconds": seconds,
             **self.constant,
         }
-
-
-TEXT_FIELDS = ("prompt", "instruction", "task")
-
-
-def _text_fields_as_strings(table: pa.Table) -> pa.Table:
-    """Input fields that should be text are written as text even when a shard typed them otherwise."""
-    for name in TEXT_FIELDS:
-        kind = table.schema.field(name).type if name in table.column_names else None
-        if kind is not None and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            values = [None if v is None else json.dumps(v) for v in table.column(name).to_pylist()]
-            table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
-    return table

@@ -136,9 +136,11 @@ def generate(
     output: Annotated[str, typer.Option("--output", "-o", help="Output folder (data/*.parquet, run.json).")],
     model: ModelOption = "smollm2-135m",
     method: Annotated[str, typer.Option(help="directer or zero-shot.")] = "directer",
-    actors: Annotated[int, typer.Option(help="Model copies (Ray actors).")] = 1,
+    actors: Annotated[
+        int | None, typer.Option(help="Model copies (Ray actors); default one per GPU, or one without GPUs.")
+    ] = None,
     gpus_per_actor: Annotated[
-        float | None, typer.Option(help="GPUs per actor; default 1 when the cluster has GPUs, else 0.")
+        float | None, typer.Option(help="GPUs per actor (2 for a model that needs two); default 1 with GPUs.")
     ] = None,
     cpus_per_actor: Annotated[
         float | None, typer.Option(help="CPUs per actor; default shares the CPUs left after one for reads/writes.")
@@ -196,7 +198,7 @@ def evaluate(
     max_new_tokens: MaxNewTokensOption = 256,
     alpha: AlphaOption = 100.0,
     beta: BetaOption = 0.5,
-    actors: Annotated[int, typer.Option(help="Model copies (Ray actors).")] = 1,
+    actors: Annotated[int | None, typer.Option(help="Model copies (Ray actors); default one per GPU, or one.")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows decoded together by one actor.")] = 16,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor.")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster to join; default an embedded local Ray.")] = None,

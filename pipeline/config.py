@@ -13,6 +13,7 @@ from directer.models import DEFAULT_MODEL
 class GenerateConfig:
     """A ``directer generate`` run.
 
+    actors: model copies; ``None``: one per ``gpus_per_actor`` GPUs in the cluster, or one without GPUs.
     gpus_per_actor: ``None`` gives each actor one GPU when the cluster has GPUs, else none.
     cpus_per_actor: ``None`` shares the CPUs left after one for Ray Data's read and write tasks.
     threads_per_actor: torch threads of a CPU actor; ``None`` shares the cluster's CPUs between actors.
@@ -25,7 +26,7 @@ class GenerateConfig:
     output: str
     model: str = DEFAULT_MODEL
     steering: SteeringConfig = field(default_factory=SteeringConfig)
-    actors: int = 1
+    actors: int | None = None
     gpus_per_actor: float | None = None
     cpus_per_actor: float | None = None
     threads_per_actor: int | None = None
@@ -42,7 +43,7 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ValueError("give at least one input")
-        if self.actors < 1:
+        if self.actors is not None and self.actors < 1:
             raise ValueError(f"--actors must be at least 1, got {self.actors}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")

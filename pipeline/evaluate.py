@@ -38,7 +38,7 @@ class EvalConfig:
     limit: int | None = None
     model: str = DEFAULT_MODEL
     steering: SteeringConfig = field(default_factory=SteeringConfig)
-    actors: int = 1
+    actors: int | None = None
     batch_size: int = 16
     address: str | None = None
     gpus_per_actor: float | None = None

@@ -66,21 +66,25 @@ def init_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, log_to_driver=True)
 
 
-def resolve_resources(config: GenerateConfig) -> GenerateConfig:
-    """Fill in GPUs and CPUs per actor from the cluster's resources."""
-    import ray
+def plan_resources(config: GenerateConfig, resources: dict[str, float]) -> GenerateConfig:
+    """Fill in actors, GPUs, CPUs and threads per actor from the cluster's ``resources``.
 
-    resources = ray.cluster_resources()
+    With G GPUs and ``g`` GPUs per actor, G // g actors run (one GPU each by default); without GPUs,
+    CPU actors get fractional CPUs so that one CPU stays free for Ray Data's read and write tasks
+    (actors holding every CPU can starve them and hang).
+    """
+    cluster_gpus, cluster_cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     gpus = config.gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+        gpus = 1.0 if cluster_gpus >= 1 else 0.0
+    actors = config.actors
+    if actors is None:
+        actors = max(1, int(cluster_gpus // gpus)) if gpus else 1
     cpus = config.cpus_per_actor
     if cpus is None:
-        # leave one CPU for Ray Data's read and write tasks, or actors can starve them and hang
-        spare = max(resources.get("CPU", 1) - 1, 0.5)
-        cpus = 1.0 if gpus else min(max(spare / config.actors, 0.25), 4.0)
-    threads = config.threads_per_actor or max(1, int(resources.get("CPU", 1) // config.actors))
-    return replace(config, gpus_per_actor=gpus, cpus_per_actor=cpus, threads_per_actor=threads)
+        cpus = 1.0 if gpus else min(max((cluster_cpus - 1) / actors, 0.25), 4.0)
+    threads = config.threads_per_actor or max(1, int(cluster_cpus // actors))
+    return replace(config, actors=actors, gpus_per_actor=gpus, cpus_per_actor=cpus, threads_per_actor=threads)
 
 
 def rows_per_block(rows: int, config: GenerateConfig) -> int:
@@ -113,11 +117,12 @@ def generate(config: GenerateConfig, progress: bool = True) -> RunReport:
     before = set(config.data_dir.glob("*.parquet"))
     report = RunReport(output=str(config.output_dir))
 
+    import ray
     import ray.data
 
     init_ray(config.address)
     ray.data.DataContext.get_current().enable_progress_bars = progress
-    config = resolve_resources(config)
+    config = plan_resources(config, ray.cluster_resources())
     report.seconds["startup"] = time.perf_counter() - started
 
     todo = sum(1 for i in ids if not (i is None and missing_done) and (i is None or str(i) not in done))

@@ -1,0 +1,55 @@
+"""The cluster launcher config and the placement of actors on GPUs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from directer.config import SteeringConfig
+from pipeline.config import GenerateConfig
+from pipeline.run import plan_resources
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_yaml_is_valid_for_the_ray_launcher():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))
+    workers = config["available_node_types"]["gpu_worker"]
+    assert workers["resources"]["GPU"] >= 1 and workers["max_workers"] > workers["min_workers"] == 0
+    assert any("pip install -e ~/directer" in c for c in config["setup_commands"])
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["gpu_worker"]["max_workers"] = "many"
+    with pytest.raises(Exception, match="is not of type"):
+        validate_config(prepare_config(broken))
+
+
+def plan(resources, **fields):
+    return plan_resources(GenerateConfig(inputs=("x",), output="y", steering=SteeringConfig(), **fields), resources)
+
+
+def test_one_actor_per_gpu_by_default():
+    planned = plan({"CPU": 32, "GPU": 4})
+    assert (planned.actors, planned.gpus_per_actor, planned.cpus_per_actor) == (4, 1.0, 1.0)
+
+
+def test_a_model_that_needs_two_gpus_takes_two_per_actor():
+    planned = plan({"CPU": 32, "GPU": 8}, gpus_per_actor=2)
+    assert (planned.actors, planned.gpus_per_actor) == (4, 2)
+
+
+def test_cpu_actors_leave_a_cpu_for_reads_and_writes():
+    planned = plan({"CPU": 2}, actors=2)
+    assert planned.gpus_per_actor == 0 and planned.cpus_per_actor == 0.5 and planned.threads_per_actor == 1
+    single = plan({"CPU": 2})
+    assert single.actors == 1 and single.cpus_per_actor == 1.0 and single.threads_per_actor == 2
+
+
+def test_explicit_choices_win():
+    planned = plan({"CPU": 16, "GPU": 2}, actors=6, gpus_per_actor=0.5, cpus_per_actor=2.0)
+    assert (planned.actors, planned.gpus_per_actor, planned.cpus_per_actor) == (6, 0.5, 2.0)

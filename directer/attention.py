@@ -79,7 +79,15 @@ class ForwardPass:
     steer: torch.Tensor | None = None
     alpha: float = 1.0
     write: bool = False
-    _valid: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+    _valid: dict[object, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def raw_mask(self, length: int, sliding_window: int | None) -> torch.Tensor:
+        """``[N, 1, 1, length + 1]`` bool: the cached slots plus the token's own slot."""
+        key = ("raw", sliding_window)
+        if key not in self._valid:
+            own = torch.ones(self.cache.pad.shape[0], 1, dtype=torch.bool, device=self.cache.pad.device)
+            self._valid[key] = torch.cat([self.valid_keys(length, sliding_window), own], dim=1)[:, None, None, :]
+        return self._valid[key]
 
     def valid_keys(self, length: int, sliding_window: int | None) -> torch.Tensor:
         """Cached slots visible to the current query, per row; computed once per pass and window."""
@@ -114,7 +122,29 @@ def directer_attention(
     layer = module.layer_idx
     if directer_pass.prefill:
         return _prefill(directer_pass, layer, query, key, value, scaling, sliding_window, softcap), None
+    if directer_pass.write and softcap is None:
+        return _append(directer_pass, layer, query, key, value, scaling, sliding_window), None
     return _decode(directer_pass, layer, query, key, value, scaling, sliding_window, softcap), None
+
+
+def _append(
+    fp: ForwardPass,
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """The raw pass: store the token's key and value, then one fused SDPA call over the row's slots."""
+    cache = fp.cache
+    length = cache.length
+    cache.write(layer, length, key, value)
+    keys, values = cache.keys[layer][:, :, : length + 1], cache.values[layer][:, :, : length + 1]
+    mask = fp.raw_mask(length, sliding_window)
+    groups = query.shape[1] // key.shape[1]
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
+    return out.transpose(1, 2).contiguous()
 
 
 def _prefill(

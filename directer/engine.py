@@ -135,14 +135,17 @@ class Engine:
             return self.device.type != "cpu" or rows * trials <= CPU_BATCHED_TRIAL_TOKENS
         return config.trial_schedule == "batched"
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, fp: ForwardPass) -> torch.Tensor:
-        """Logits of every variant: ``tokens [N, P]`` at ``positions [N]`` -> ``[N, P, vocab]`` float32."""
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, fp: ForwardPass, logits: bool = True
+    ) -> torch.Tensor:
+        """Logits of every variant: ``tokens [N, P]`` at ``positions [N]`` -> ``[N, P, vocab]`` float32
+        (with ``logits=False``, only the last variant's: the ranking probes need hidden states only)."""
         variants = tokens.shape[1]
         out = self.model(
             input_ids=tokens,
             position_ids=positions[:, None].expand(-1, variants),
             use_cache=False,
-            logits_to_keep=variants,
+            logits_to_keep=variants if logits else 1,
             directer_pass=fp,
         )
         return out.logits.float()
@@ -221,7 +224,7 @@ class _Decoding:
         if probe_rows is not None:
             with capture.recording(engine.model):
                 logits = engine.forward(token[:, None], positions, raw_pass)[:, -1]
-            raw_pre, raw_post = capture.stacked()
+            raw_pre, raw_post = capture.pre, capture.post
         else:
             logits = engine.forward(token[:, None], positions, raw_pass)[:, -1]
         probs = torch.softmax(logits, dim=-1)
@@ -277,9 +280,9 @@ class _Decoding:
         probe = ForwardPass(self.cache, rows=_maybe_all(rows, len(token)), steer=steer, alpha=self.config.alpha)
         capture = AttentionCapture()
         with capture.recording(engine.model):
-            engine.forward(token[rows, None].expand(-1, num_layers), positions[rows], probe)
-        probe_pre, probe_post = capture.stacked()
-        scores = sensitivity(raw_pre[:, rows], raw_post[:, rows], probe_pre, probe_post)
+            engine.forward(token[rows, None].expand(-1, num_layers), positions[rows], probe, logits=False)
+        subset = [t[rows] for t in raw_pre], [t[rows] for t in raw_post]
+        scores = sensitivity(*subset, capture.pre, capture.post)
         order = rank_layers(scores)
         self.rank_of[rows] = torch.argsort(order, dim=-1)
         for row, ranking in zip(rows.tolist(), order.tolist()):

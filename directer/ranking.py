@@ -61,25 +61,24 @@ class AttentionCapture:
 
         return hook
 
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``pre`` and ``post`` as ``[num_layers, N, tokens, hidden]`` float32 tensors."""
-        pre = torch.stack([t.float() for t in self.pre])
-        post = torch.stack([t.float() for t in self.post])
-        return pre, post
-
 
 def sensitivity(
-    raw_pre: torch.Tensor, raw_post: torch.Tensor, probe_pre: torch.Tensor, probe_post: torch.Tensor
+    raw_pre: list[torch.Tensor],
+    raw_post: list[torch.Tensor],
+    probe_pre: list[torch.Tensor],
+    probe_post: list[torch.Tensor],
 ) -> torch.Tensor:
-    """Sensitivity of each probed layer.
+    """Sensitivity of each probed layer, accumulated layer by layer (no stacked copies).
 
-    raw_*: ``[J, N, 1, H]`` (one raw token per row); probe_*: ``[J, N, P, H]`` (probe ``p`` steers
-    layer ``p``). Returns ``[N, P]``.
+    raw_*: per layer ``[N, 1, H]`` (one raw token per row); probe_*: per layer ``[N, P, H]`` (probe
+    ``p`` steers layer ``p``). Returns ``[N, P]``.
     """
-    direct = 1.0 - F.cosine_similarity(raw_pre, probe_post, dim=-1)
-    propagated = 1.0 - F.cosine_similarity(raw_post, probe_pre, dim=-1)
-    disturbance = (direct + propagated).clamp(min=0.0)  # [J, N, P]
-    return disturbance.mean(dim=0)
+    total = torch.zeros(())
+    for pre, post, steered_pre, steered_post in zip(raw_pre, raw_post, probe_pre, probe_post):
+        direct = 1.0 - F.cosine_similarity(pre.float(), steered_post.float(), dim=-1)
+        propagated = 1.0 - F.cosine_similarity(post.float(), steered_pre.float(), dim=-1)
+        total = total + (direct + propagated).clamp(min=0.0)
+    return total / len(raw_pre)
 
 
 def rank_layers(scores: torch.Tensor) -> torch.Tensor:

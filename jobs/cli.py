@@ -247,6 +247,41 @@ def print_accuracy(summary: dict, output: str) -> None:
     Console().print(table)
 
 
+@app.command()
+def bench(
+    prompts: Annotated[int, typer.Option(help="IFEval prompts to decode (gold spans).")] = 16,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated; 1 and one larger size.")] = "1,16",
+    max_new_tokens: MaxNewTokensOption = 64,
+    model: ModelOption = "smollm2-135m",
+    b1_prompts: Annotated[int, typer.Option(help="Prompts for the batch-size-1 runs (the reference is slow).")] = 4,
+    pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="Also time the Ray pipeline.")] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+) -> None:
+    """Tokens/s and peak memory of transformers' generate, the engine (zero-shot and Directer), the plain
+    reference implementation and the pipeline, side by side in one process."""
+    from pipeline.benchmark import run_benchmark, to_json
+
+    sizes = tuple(int(size) for size in batch_sizes.split(","))
+    if 1 not in sizes or len(sizes) != 2:
+        raise _fail("--batch-sizes takes 1 and one larger size, e.g. 1,16")
+    _quiet_transformers()
+    result = run_benchmark(
+        prompts=prompts, batch_sizes=sizes, max_new_tokens=max_new_tokens, model=model, b1_prompts=b1_prompts,
+        pipeline=pipeline, device=device, dtype=dtype, log=lambda line: console.print(line),
+    )  # fmt: skip
+    if json_output:
+        print(to_json(result))
+        return
+    table = Table(title="ratios (targets in BENCHMARKS.md)")
+    table.add_column("ratio")
+    table.add_column("value", justify="right")
+    for name, value in result.ratios.items():
+        table.add_row(name, f"{value:.2f}")
+    Console().print(table)
+
+
 @app.command("ifeval")
 def ifeval_rows(
     output: Annotated[str, typer.Option("--output", "-o", help="Parquet file to write the input rows to.")],

@@ -159,7 +159,7 @@ def generate(config: GenerateConfig, progress: bool = True) -> RunReport:
 def _summarise(report: RunReport, files: list[Path]) -> None:
     if not files:
         return
-    columns = ["status", "error", "completion_tokens", "steering", "ranking_cache"]
+    columns = ["status", "error", "completion_tokens", "steering", "ranking_cache", "worker_load_seconds"]
     table = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
     rows = table.to_pylist()
     report.rows = len(rows)
@@ -167,6 +167,7 @@ def _summarise(report: RunReport, files: list[Path]) -> None:
     report.errors = report.rows - report.ok
     report.error_examples = [r["error"] for r in rows if r["status"] == "error"][:5]
     report.completion_tokens = sum(r["completion_tokens"] or 0 for r in rows)
+    report.seconds["model_load"] = max(r["worker_load_seconds"] or 0.0 for r in rows)
     summaries = [r["steering"] for r in rows if r["steering"]]
     steps = sum(s["steps"] for s in summaries)
     steered_steps = sum(s["steered"] for s in summaries)

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+import psutil
 import pyarrow as pa
 
 from directer.quality import completion_nll, distinct_n
@@ -66,6 +67,7 @@ GENERATED = pa.schema(
         ("steering", SUMMARY),
         ("telemetry", pa.list_(TELEMETRY)),
         ("batch_seconds", pa.float64()),
+        ("worker_load_seconds", pa.float64()),
         ("worker", pa.string()),
     ]
 )
@@ -100,6 +102,8 @@ class GenerateStage:
             "config": json.dumps(self.steering.to_dict(), sort_keys=True),
             "model": self.steerer.loaded.identity,
             "worker": f"{socket.gethostname()}:{os.getpid()}",
+            # since the worker process started: its imports and the model load
+            "worker_load_seconds": time.time() - psutil.Process().create_time(),
         }
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 from conftest import ARCHITECTURES, tiny_model
-from reference import reference_generate
 
 from directer.config import SteeringConfig
 from directer.engine import Engine, Request, trial_sizes
+from directer.reference import reference_generate
 
 MAX_NEW = 16
 

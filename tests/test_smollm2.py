@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from reference import reference_generate
 
 from directer import Directer, SteeringConfig, build_prompt
+from directer.reference import reference_generate
 
 MAX_NEW = 20
 PROMPTS = 8

@@ -1,4 +1,5 @@
-"""A plain, per-prompt implementation of Directer (DESIGN §1): the oracle the engine is tested against.
+"""A plain, per-prompt implementation of Directer: the oracle the engine is tested against, and the
+baseline ``directer bench`` compares it with (it works like the official implementation).
 
 Deliberately slow and obvious: one prompt at a time, the model's own eager attention, a
 ``DynamicCache``, and for every steered pass an explicit copy of the cache with the instruction keys

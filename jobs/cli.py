@@ -156,6 +156,9 @@ def generate(
     spans: SpansOption = "auto",
     address: Annotated[str | None, typer.Option(help="Ray cluster to join; default an embedded local Ray.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over instead of resuming.")] = False,
+    score_nll: Annotated[
+        bool, typer.Option("--score-nll", help="Store each completion's mean NLL under the unsteered model.")
+    ] = False,
     examples: Annotated[int, typer.Option(help="Side-by-side examples to print at the end.")] = 3,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
@@ -164,6 +167,7 @@ def generate(
     """Run Directer over a dataset with a Ray actor pool; one output row per input row, resumable."""
     from directer.models import ModelNotFoundError
     from pipeline.config import GenerateConfig
+    from pipeline.export import current_command
     from pipeline.inputs import InputError
     from pipeline.run import generate as run_generate
 
@@ -174,11 +178,12 @@ def generate(
         config = GenerateConfig(
             inputs=tuple(inputs), output=output, model=model, steering=steering, actors=actors,
             gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
-            ranking_cache=ranking_cache, spans=spans, address=address, overwrite=overwrite, device=device, dtype=dtype,
+            ranking_cache=ranking_cache, spans=spans, score_nll=score_nll,
+            address=address, overwrite=overwrite, device=device, dtype=dtype,
             trust_remote_code=trust_remote_code,
         )  # fmt: skip
         _quiet_transformers()
-        report = run_generate(config)
+        report = run_generate(config, command=current_command())
     except (InputError, ModelNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     print_report(report)
@@ -279,6 +284,44 @@ def bench(
     table.add_column("value", justify="right")
     for name, value in result.ratios.items():
         table.add_row(name, f"{value:.2f}")
+    Console().print(table)
+
+
+@app.command()
+def export(
+    runs: Annotated[list[str], typer.Argument(help="directer generate output folders (several with --best-of).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder for the training set and its card.")],
+    format: Annotated[str, typer.Option("--format", help="hf (save_to_disk), jsonl or parquet.")] = "hf",
+    verify: Annotated[bool, typer.Option("--verify", help="Keep rows whose IFEval checkers pass.")] = False,
+    loose: Annotated[bool, typer.Option("--loose", help="Verify with IFEval's loose checks.")] = False,
+    min_tokens: Annotated[int, typer.Option(help="Drop completions shorter than this.")] = 0,
+    max_nll: Annotated[float | None, typer.Option(help="Drop completions with a higher mean NLL.")] = None,
+    max_repetition: Annotated[float | None, typer.Option(help="Drop completions with 1 - distinct-2 above.")] = None,
+    dedupe: Annotated[bool, typer.Option("--dedupe", help="Remove exact and near-duplicate completions.")] = False,
+    require_finish: Annotated[str | None, typer.Option(help="eos: keep only completions that ended by EOS.")] = None,
+    best_of: Annotated[
+        bool, typer.Option("--best-of", help="Per prompt, the verified completion with lowest NLL.")
+    ] = False,
+) -> None:
+    """Build a training set of chat records from generate outputs: verify, filter, dedupe, export."""
+    from pipeline.export import ExportConfig, current_command
+    from pipeline.export import export as run_export
+    from pipeline.inputs import InputError
+
+    try:
+        config = ExportConfig(
+            runs=tuple(runs), output=output, format=format, verify=verify, loose=loose, min_tokens=min_tokens,
+            max_nll=max_nll, max_repetition=max_repetition, dedupe=dedupe, require_finish=require_finish,
+            best_of=best_of,
+        )  # fmt: skip
+        report = run_export(config, command=current_command())
+    except (InputError, ValueError) as error:
+        raise _fail(str(error)) from None
+    table = Table(title=f"directer export -> {output}")
+    table.add_column("filter")
+    table.add_column("rows", justify="right")
+    for name, count in report.counts:
+        table.add_row(name, str(count))
     Console().print(table)
 
 

@@ -38,6 +38,7 @@ class RunReport:
     steering: dict[str, float] = field(default_factory=dict)
     ranking_cache: dict[str, int] = field(default_factory=dict)
     error_examples: list[str] = field(default_factory=list)
+    command: str | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -103,8 +104,9 @@ def drop_done(batch: pa.Table, done: pa.Array, missing_done: bool) -> pa.Table:
     return batch.filter(keep)
 
 
-def generate(config: GenerateConfig, progress: bool = True) -> RunReport:
-    """Run the pipeline; returns this invocation's report and writes ``run.json``."""
+def generate(config: GenerateConfig, progress: bool = True, command: str | None = None) -> RunReport:
+    """Run the pipeline; returns this invocation's report and writes ``run.json`` (with ``command``,
+    the command line that asked for it, when given)."""
     started = time.perf_counter()
     sources = resolve_inputs(config.inputs)
     check_model(config.model)
@@ -115,7 +117,7 @@ def generate(config: GenerateConfig, progress: bool = True) -> RunReport:
     duplicates = duplicate_ids(ids)
     done, missing_done, _ = output_ids(config.data_dir)
     before = set(config.data_dir.glob("*.parquet"))
-    report = RunReport(output=str(config.output_dir))
+    report = RunReport(output=str(config.output_dir), command=command)
 
     import ray
     import ray.data

@@ -1,0 +1,93 @@
+"""``directer export``: generate -> verify, filter, dedupe -> a training set that loads with datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pyarrow.dataset as pads
+import pytest
+
+from directer import SteeringConfig
+from directer.scoring import score_response
+from pipeline.config import GenerateConfig
+from pipeline.export import ExportConfig, export
+from pipeline.inputs import InputError
+from pipeline.run import generate
+
+ROWS = [
+    ("comma", "Name one animal. Do not use any commas in your response.", ["punctuation:no_comma"], [{}]),
+    ("zebra-1", "Describe the sky. Do not include the word zebra.", ["keywords:forbidden_words"],
+     [{"forbidden_words": ["zebra"]}]),
+    ("zebra-2", "Describe the sky. Do not include the word zebra.", ["keywords:forbidden_words"],
+     [{"forbidden_words": ["zebra"]}]),
+    ("caps", "Name a city. Answer in all capital letters.", ["change_case:english_capital"], [{}]),
+    ("french", "Name a fruit. Answer only in French, no other language.", ["language:response_language"],
+     [{"language": "fr"}]),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    source = folder / "rows.jsonl"
+    lines = [{"id": i, "prompt": p, "instruction_id_list": ids, "kwargs": json.dumps(kw)} for i, p, ids, kw in ROWS]
+    source.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    outputs = []
+    for method in ("zero-shot", "directer"):
+        config = GenerateConfig(
+            inputs=(str(source),), output=str(folder / method), score_nll=True,
+            steering=SteeringConfig(method=method, max_new_tokens=12),
+        )  # fmt: skip
+        generate(config, progress=False, command=f"directer generate rows.jsonl --method {method} --score-nll")
+        outputs.append(str(folder / method))
+    return folder, tuple(outputs)
+
+
+def test_best_of_verified_deduplicated_dataset(runs):
+    folder, outputs = runs
+    config = ExportConfig(runs=outputs, output=str(folder / "train"), verify=True, dedupe=True, best_of=True,
+                          min_tokens=1)  # fmt: skip
+    report = export(config, command="directer export zero-shot directer --best-of --verify --dedupe")
+    dataset = datasets.load_from_disk(str(folder / "train" / "dataset"))
+    counts = [count for _, count in report.counts]
+    assert counts[0] == 2 * len(ROWS) and counts == sorted(counts, reverse=True) and counts[-1] == len(dataset)
+    assert len(dataset) >= 1
+    completions = [r["messages"][1]["content"] for r in dataset]
+    assert len(set(completions)) == len(completions)
+    assert len({r["source_id"] for r in dataset}) == len(dataset)
+    rows = {i: (p, ids, kw) for i, p, ids, kw in ROWS}
+    for record in dataset:
+        prompt, ids, kwargs = rows[record["source_id"]]
+        assert record["messages"][0] == {"role": "user", "content": prompt}
+        assert score_response(prompt, ids, kwargs, record["messages"][1]["content"]).prompt_strict
+        assert record["method"] in ("zero-shot", "directer") and record["model"] and record["config_fingerprint"]
+        assert record["nll"] is not None
+    card = (folder / "train" / "README.md").read_text()
+    for name, count in report.counts:
+        assert f"| {name} | {count} |" in card
+    assert "directer generate rows.jsonl --method directer --score-nll" in card and "--best-of" in card
+    assert (folder / "train" / "histograms.png").is_file()
+    assert report.pass_rates and all(0 <= v["pass_rate"] <= 1 for v in report.pass_rates.values())
+
+
+def test_formats_and_filters(runs):
+    folder, outputs = runs
+    export(ExportConfig(runs=outputs[:1], output=str(folder / "jsonl"), format="jsonl", require_finish=None))
+    lines = (folder / "jsonl" / "train.jsonl").read_text().splitlines()
+    assert len(lines) == len(ROWS) and all(json.loads(line)["messages"][1]["role"] == "assistant" for line in lines)
+    export(ExportConfig(runs=outputs[:1], output=str(folder / "pq"), format="parquet", max_nll=0.0))
+    assert pads.dataset(str(folder / "pq" / "data"), format="parquet").count_rows() == 0
+    report = export(ExportConfig(runs=outputs[:1], output=str(folder / "eos"), format="jsonl", require_finish="eos"))
+    finished = [r for r in pads.dataset(str(Path(outputs[0]) / "data"), format="parquet").to_table().to_pylist()
+                if r["finish_reason"] == "stop"]  # fmt: skip
+    assert report.counts[-1][1] == len(finished)
+
+
+def test_bad_exports_fail_clearly(runs, tmp_path):
+    folder, outputs = runs
+    with pytest.raises(ValueError, match="--best-of"):
+        ExportConfig(runs=outputs, output=str(tmp_path / "x"))
+    with pytest.raises(InputError, match="not a directer generate output"):
+        export(ExportConfig(runs=(str(tmp_path),), output=str(tmp_path / "y")))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import matplotlib
 
@@ -16,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main(source: str, target: str) -> None:
-    result = json.loads(open(source).read())
+    result = json.loads(Path(source).read_text())
     measured = result["measurements"]
     sizes = sorted({int(k.rsplit("_b", 1)[1]) for k in measured})
     methods = [("hf", "transformers generate"), ("zero_shot", "engine, zero-shot"), ("directer", "engine, Directer"),

@@ -89,8 +89,8 @@ def plan_resources(config: GenerateConfig, resources: dict[str, float]) -> Gener
 
 
 def rows_per_block(rows: int, config: GenerateConfig) -> int:
-    """About four blocks per actor, each at least a batch and at most 1024 rows."""
-    return max(config.batch_size, min(1024, -(-rows // (4 * config.actors))))
+    """About four blocks per actor, each at least a batch and at most 256 rows (progress, resume)."""
+    return max(config.batch_size, min(256, -(-rows // (4 * config.actors))))
 
 
 def drop_done(batch: pa.Table, done: pa.Array, missing_done: bool) -> pa.Table:
@@ -123,7 +123,11 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     import ray.data
 
     init_ray(config.address)
-    ray.data.DataContext.get_current().enable_progress_bars = progress
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress
+    # a block of long generations on a slow device can legitimately take longer than Ray Data's
+    # no-progress timeout (which would abort the run); blocks are kept small instead
+    context.execution_no_progress_timeout_s = -1
     config = plan_resources(config, ray.cluster_resources())
     report.seconds["startup"] = time.perf_counter() - started
 

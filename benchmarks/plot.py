@@ -1,7 +1,7 @@
 """Plot tokens/s per method and batch size from ``directer bench --json`` output.
 
-    .venv/bin/directer bench --json > benchmarks/cpu-2core-smollm2.json
-    .venv/bin/python benchmarks/plot.py benchmarks/cpu-2core-smollm2.json benchmarks/throughput.png
+.venv/bin/directer bench --json > benchmarks/cpu-2core-smollm2.json
+.venv/bin/python benchmarks/plot.py benchmarks/cpu-2core-smollm2.json benchmarks/throughput.png
 """
 
 from __future__ import annotations

@@ -162,6 +162,11 @@ def build_prompt(
     )
 
 
+def join_task(task: str, instruction: str) -> str:
+    """The prompt of a ``task`` + ``instruction`` row: the task, a blank line, the instruction."""
+    return f"{task.rstrip()}\n\n{instruction.strip()}"
+
+
 def prompt_from_row(tokenizer: PreTrainedTokenizerBase, row: Mapping[str, Any], spans: SpanMode = "auto") -> Prompt:
     """Build the prompt of an input row in any of its accepted forms.
 
@@ -185,7 +190,7 @@ def prompt_from_row(tokenizer: PreTrainedTokenizerBase, row: Mapping[str, Any], 
             )
         if not isinstance(instruction, str) or not instruction.strip():
             raise SpanError("a task needs an instruction to append")
-        message, source = f"{task.rstrip()}\n\n{instruction.strip()}", "task"
+        message, source = join_task(task, instruction), "task"
         instruction = instruction.strip()
     if instruction is None and char_spans is None and spans == "auto":
         text = _check_messages(messages)[1] if messages is not None else message

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from directer.prompts import join_task
 from directer.scoring import score_response
 from pipeline.inputs import InputError
 
@@ -74,7 +75,7 @@ def _user_message(row: dict[str, Any]) -> str:
         return [m["content"] for m in row["messages"] if m["role"] == "user"][-1]
     if row.get("prompt"):
         return row["prompt"]
-    return f"{row['task'].rstrip()}\n\n{row['instruction'].strip()}"
+    return join_task(row["task"], row["instruction"])
 
 
 def _verdict(row: dict[str, Any], loose: bool) -> tuple[bool, list[tuple[str, bool]]] | None:

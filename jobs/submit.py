@@ -21,6 +21,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # never uploaded with the working directory
 EXCLUDES = [".venv/", ".git/", "runs/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/", "*.egg-info/"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_SECONDS = 120
 
 
 def client(address: str | None = None):
@@ -49,7 +50,16 @@ def submit(
     runtime_env["env_vars"] = variables
     if pip:
         runtime_env["pip"] = pip
-    return client(address).submit_job(entrypoint=entrypoint(arguments), runtime_env=runtime_env)
+    jobs = client(address)
+    deadline = time.monotonic() + AGENT_WAIT_SECONDS
+    while True:
+        try:
+            return jobs.submit_job(entrypoint=entrypoint(arguments), runtime_env=runtime_env)
+        except RuntimeError as error:
+            # a cluster that has just started answers before its job agent is up
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def wait(job_id: str, address: str | None = None, timeout: float | None = None, poll: float = 1.0) -> str:

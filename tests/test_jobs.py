@@ -16,6 +16,10 @@ import pyarrow.dataset as pads
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PORT_OPTIONS = (
+    "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+    "node-manager-port", "object-manager-port", "ray-client-server-port",
+)  # fmt: skip
 
 
 def free_port() -> int:
@@ -32,33 +36,28 @@ def ray_head(tmp_path_factory):
     # token authentication, as on a real cluster: the head and every client share one token
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env = {**os.environ, **token, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    saved = {k: os.environ.get(k) for k in token}
-    os.environ.update(token)
+    log = open(temp / "head.log", "w")  # noqa: SIM115 - the head writes to it until the fixture ends
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-         "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats",
+         # ports of its own, apart from any embedded Ray that earlier tests started in this machine
+         *(f"--{name}={free_port()}" for name in PORT_OPTIONS)],
+        env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
-    from jobs.submit import client
-
-    deadline = time.monotonic() + 120
+    # clients run in fresh processes: one that already ran an embedded Ray keeps that cluster's token
+    probe = [sys.executable, "-c", f"from jobs.submit import client; client({address!r}).list_jobs()"]
+    deadline = time.monotonic() + 300
     while True:
-        try:
-            client(address).list_jobs()
+        if subprocess.run(probe, cwd=ROOT, env=env, capture_output=True).returncode == 0:
             break
-        except Exception:  # noqa: BLE001 - the head is still starting
-            if time.monotonic() > deadline or head.poll() is not None:
+        if time.monotonic() > deadline or head.poll() is not None:
+            if head.poll() is None:
                 os.killpg(head.pid, signal.SIGKILL)
-                pytest.fail("the Ray head did not start")
-            time.sleep(2)
+            pytest.fail("the Ray head did not start:\n" + (temp / "head.log").read_text()[-3000:])
+        time.sleep(2)
     yield address, env
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
     os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=30)

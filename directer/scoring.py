@@ -7,6 +7,7 @@ same parameters, and :func:`ensure_punkt` writes them where NLTK looks, once.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -22,8 +23,10 @@ def _nltk_data_root() -> Path:
     return Path(configured.split(os.pathsep)[0]) if configured else Path(sys.prefix) / "nltk_data"
 
 
+@functools.cache
 def ensure_punkt() -> Path:
-    """Make NLTK's English ``punkt_tab`` available without a download; returns its folder."""
+    """Make NLTK's English ``punkt_tab`` available without a download; returns its folder (checked
+    once per process: scoring calls this for every response)."""
     import nltk
 
     try:

@@ -6,9 +6,13 @@ query/key/value (after RoPE and any q/k norm) and the :class:`ForwardPass` the e
 ``model(...)`` as a keyword. The function owns the cache: the model itself runs with ``cache=None``.
 
 Multiplying a cached key by ``alpha`` multiplies its attention logit by ``alpha`` (before any
-soft-capping), so steering is a score modifier: the cache is read, never copied or changed. A pass
-may carry several *variants* per row (the layer-ranking probes, or all trials of a step): each
-variant is one query of the same token that attends to the row's cache plus its own new key only.
+soft-capping), so steering is a score modifier: the cache is read, never copied or changed.
+
+A decoding pass is one *packed* sequence: each cache row contributes one or more tokens (its raw
+token, or the variants of its steering trials or ranking probes), laid out row after row. Every
+token attends to its row's cached slots before the row's current slot, plus its own key; a raw token
+also stores its key and value at that slot. Rows may sit at different slots, so one pass can carry
+the raw tokens of some rows next to the trials of others.
 """
 
 from __future__ import annotations
@@ -28,77 +32,155 @@ class KVCache:
     """Preallocated keys and values of every layer, one slot per position, left-padded rows.
 
     Buffers are allocated on the first write of each layer, so head counts and sizes come from the
-    model itself. All rows share the slot index; ``pad[b]`` slots at the left of row ``b`` are padding.
+    model itself. ``pad[b]`` slots at the left of row ``b`` are padding; ``lengths[b]`` slots are
+    written (rows advance independently).
     """
 
     def __init__(self, pad: torch.Tensor, span: torch.Tensor, max_len: int) -> None:
         self.pad = pad  # [B] left padding per row
         self.span = span  # [B, max_len] bool: slots whose keys are steered
         self.max_len = max_len
-        self.length = 0  # slots written
+        self.lengths = torch.zeros_like(pad)  # [B] slots written per row
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
 
-    def write(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    def _buffers(self, layer: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self.keys:
-            batch, heads, _, dim = key.shape
-            shape = (batch, heads, self.max_len, dim)
+            shape = (len(self.pad), key.shape[-3], self.max_len, key.shape[-1])
             self.keys[layer] = key.new_zeros(shape)
-            self.values[layer] = value.new_zeros(shape)
-        end = start + key.shape[2]
-        self.keys[layer][:, :, start:end] = key
-        self.values[layer][:, :, start:end] = value
+            self.values[layer] = key.new_zeros(shape)
+        return self.keys[layer], self.values[layer]
+
+    def write_prompt(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """``key``/``value`` ``[B, kv_heads, T, dim]`` into slots ``0..T-1`` of every row."""
+        keys, values = self._buffers(layer, key)
+        keys[:, :, : key.shape[2]] = key
+        values[:, :, : key.shape[2]] = value
+
+    def write_tokens(
+        self, layer: int, rows: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> None:
+        """One token per row: ``key``/``value`` ``[n, kv_heads, dim]`` into slot ``slots[i]`` of row ``rows[i]``."""
+        keys, values = self._buffers(layer, key)
+        keys[rows, :, slots] = key
+        values[rows, :, slots] = value
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop finished rows (one copy per event, so later passes stop paying for them)."""
-        self.pad = self.pad[rows]
-        self.span = self.span[rows]
+        self.pad, self.span, self.lengths = self.pad[rows], self.span[rows], self.lengths[rows]
         for layer in self.keys:
             self.keys[layer] = self.keys[layer][rows]
             self.values[layer] = self.values[layer][rows]
-
-    def key_slots_valid(self, rows: torch.Tensor | None, length: int) -> torch.Tensor:
-        """[N, length] bool: the slots each row may attend to (not padding)."""
-        pad = self.pad if rows is None else self.pad[rows]
-        slots = torch.arange(length, device=pad.device)
-        return slots[None, :] >= pad[:, None]
 
 
 @dataclass
 class ForwardPass:
     """What one forward asks of attention.
 
-    rows: cache row read by each batch row (``None``: batch row b reads cache row b).
-    steer: ``[N, P, num_layers]`` bool, the layers in which each variant scales instruction keys.
-    write: store this pass's keys and values in the cache (the raw pass and the prefill).
+    rows: cache row of each pass row (``None``: every cache row, in order).
+    variants: tokens of each pass row in the packed input (an int when all rows have as many).
+    slots: ``[T]`` slot of each packed token: it attends to its row's slots before it, and its own key.
+    write: ``[T]`` bool, the raw tokens, which store their key and value at their slot.
+    steer: ``[N, P, num_layers]`` bool, the layers in which each token scales instruction keys.
     """
 
     cache: KVCache
     prefill: bool = False
     rows: torch.Tensor | None = None
+    variants: int | torch.Tensor = 1
+    slots: torch.Tensor | None = None
+    write: torch.Tensor | None = None
     steer: torch.Tensor | None = None
     alpha: float = 1.0
-    write: bool = False
-    _valid: dict[object, torch.Tensor] = field(default_factory=dict, repr=False)
+    _memo: dict[object, object] = field(default_factory=dict, repr=False)
 
-    def raw_mask(self, length: int, sliding_window: int | None) -> torch.Tensor:
-        """``[N, 1, 1, length + 1]`` bool: the cached slots plus the token's own slot."""
-        key = ("raw", sliding_window)
-        if key not in self._valid:
-            own = torch.ones(self.cache.pad.shape[0], 1, dtype=torch.bool, device=self.cache.pad.device)
-            self._valid[key] = torch.cat([self.valid_keys(length, sliding_window), own], dim=1)[:, None, None, :]
-        return self._valid[key]
+    def _once(self, key: object, make):
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
-    def valid_keys(self, length: int, sliding_window: int | None) -> torch.Tensor:
-        """Cached slots visible to the current query, per row; computed once per pass and window."""
-        if sliding_window not in self._valid:
-            valid = self.cache.key_slots_valid(self.rows, length)
+    @property
+    def length(self) -> int:
+        """Cached slots any token of the pass may read."""
+        return self._once("length", lambda: int(self.slots.max()))
+
+    @property
+    def raw_only(self) -> bool:
+        """One raw token per cache row: plain attention over each row's slots up to its own."""
+
+        def make() -> bool:
+            single = isinstance(self.variants, int) and self.variants == 1
+            return single and self.rows is None and self.write is not None and bool(self.write.all())
+
+        return self._once("raw_only", make)
+
+    def layout(self) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+        """``(P, gather, scatter)``: the width of the ``[N, P]`` grid of the packed tokens, the packed
+        index of each grid cell (short rows repeat their last token) and the grid cell of each packed
+        token; both ``None`` when every row has ``P`` tokens."""
+
+        def make():
+            if isinstance(self.variants, int):
+                return self.variants, None, None
+            counts = self.variants
+            width = int(counts.max())
+            starts = torch.cumsum(counts, 0) - counts
+            offsets = torch.arange(width, device=counts.device)
+            gather = starts[:, None] + torch.minimum(offsets[None, :], counts[:, None] - 1)
+            row = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+            scatter = row * width + torch.arange(len(row), device=counts.device) - starts[row]
+            return width, gather.reshape(-1), scatter
+
+        return self._once("layout", make)
+
+    def row_of_token(self) -> torch.Tensor:
+        """``[T]`` cache row of each packed token."""
+
+        def make():
+            counts = self.variants
+            if isinstance(counts, int):
+                rows = len(self.slots) // counts
+                counts = torch.full((rows,), counts, dtype=torch.long, device=self.slots.device)
+            pass_rows = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+            return pass_rows if self.rows is None else self.rows[pass_rows]
+
+        return self._once("row_of_token", make)
+
+    def bias(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """``[N, 1, P, length + 1]`` additive mask: 0 for the slots each token may read and its own key
+        (last column), ``-inf`` for padding, its own and later slots, and slots outside a sliding window."""
+
+        def make():
+            pad = self.cache.pad if self.rows is None else self.cache.pad[self.rows]
+            width, gather, _ = self.layout()
+            slots = (self.slots if gather is None else self.slots[gather]).view(len(pad), width, 1)
+            slot_ids = torch.arange(self.length, device=pad.device)
+            visible = (slot_ids >= pad[:, None, None]) & (slot_ids < slots)
+            if sliding_window is not None:  # HF's window keeps keys at distance < window from the query
+                visible = visible & (slot_ids > slots - sliding_window)
+            visible = torch.cat([visible, torch.ones_like(visible[..., :1])], dim=-1)
+            zeros = torch.zeros(visible.shape, dtype=dtype, device=pad.device)
+            return zeros.masked_fill(~visible, float("-inf"))[:, None]
+
+        return self._once(("bias", sliding_window, dtype), make)
+
+    def raw_mask(self, sliding_window: int | None) -> torch.Tensor:
+        """``[N, 1, 1, length + 1]`` bool for :attr:`raw_only` passes: slots from the padding to the token's own."""
+
+        def make():
+            slot_ids = torch.arange(self.length + 1, device=self.slots.device)
+            visible = (slot_ids >= self.cache.pad[:, None]) & (slot_ids <= self.slots[:, None])
             if sliding_window is not None:
-                # the query sits at slot `length`; HF's window keeps keys with distance < window
-                slots = torch.arange(length, device=valid.device)
-                valid = valid & (slots > length - sliding_window)[None, :]
-            self._valid[sliding_window] = valid
-        return self._valid[sliding_window]
+                visible = visible & (slot_ids > self.slots[:, None] - sliding_window)
+            return visible[:, None, None, :]
+
+        return self._once(("raw_mask", sliding_window), make)
+
+    def span(self) -> torch.Tensor:
+        """``[N, length]`` bool: which of the readable slots hold instruction tokens."""
+        return self._once(
+            "span", lambda: (self.cache.span if self.rows is None else self.cache.span[self.rows])[:, : self.length]
+        )
 
 
 def directer_attention(
@@ -122,29 +204,7 @@ def directer_attention(
     layer = module.layer_idx
     if directer_pass.prefill:
         return _prefill(directer_pass, layer, query, key, value, scaling, sliding_window, softcap), None
-    if directer_pass.write and softcap is None:
-        return _append(directer_pass, layer, query, key, value, scaling, sliding_window), None
     return _decode(directer_pass, layer, query, key, value, scaling, sliding_window, softcap), None
-
-
-def _append(
-    fp: ForwardPass,
-    layer: int,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    scaling: float,
-    sliding_window: int | None,
-) -> torch.Tensor:
-    """The raw pass: store the token's key and value, then one fused SDPA call over the row's slots."""
-    cache = fp.cache
-    length = cache.length
-    cache.write(layer, length, key, value)
-    keys, values = cache.keys[layer][:, :, : length + 1], cache.values[layer][:, :, : length + 1]
-    mask = fp.raw_mask(length, sliding_window)
-    groups = query.shape[1] // key.shape[1]
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
-    return out.transpose(1, 2).contiguous()
 
 
 def _prefill(
@@ -158,13 +218,13 @@ def _prefill(
     softcap: float | None,
 ) -> torch.Tensor:
     """Causal attention over the (left-padded) prompt, writing its keys and values to the cache."""
-    fp.cache.write(layer, 0, key, value)
+    fp.cache.write_prompt(layer, key, value)
     length = query.shape[2]
     slots = torch.arange(length, device=query.device)
     allowed = slots[None, :] <= slots[:, None]
     if sliding_window is not None:
         allowed = allowed & (slots[:, None] - slots[None, :] < sliding_window)
-    allowed = allowed[None] & fp.cache.key_slots_valid(None, length)[:, None, :]
+    allowed = allowed[None] & (slots[None, :] >= fp.cache.pad[:, None])[:, None, :]
     allowed = allowed | torch.eye(length, dtype=torch.bool, device=query.device)[None]  # pad rows
     allowed = allowed[:, None]  # [B, 1, T, T]
     groups = query.shape[1] // key.shape[1]
@@ -180,6 +240,21 @@ def _prefill(
     return out.transpose(1, 2).contiguous()
 
 
+def _to_grid(fp: ForwardPass, x: torch.Tensor) -> torch.Tensor:
+    """Packed ``[1, heads, T, dim]`` -> ``[N, heads, P, dim]``."""
+    width, gather, _ = fp.layout()
+    packed = x[0] if gather is None else x[0][:, gather]
+    return packed.view(x.shape[1], -1, width, x.shape[3]).transpose(0, 1)
+
+
+def _from_grid(fp: ForwardPass, out: torch.Tensor) -> torch.Tensor:
+    """``[N, heads, P, dim]`` -> packed ``[1, T, heads, dim]``."""
+    rows, heads, width, dim = out.shape
+    flat = out.transpose(1, 2).reshape(rows * width, heads, dim)
+    _, _, scatter = fp.layout()
+    return (flat if scatter is None else flat[scatter])[None]
+
+
 def _decode(
     fp: ForwardPass,
     layer: int,
@@ -190,42 +265,59 @@ def _decode(
     sliding_window: int | None,
     softcap: float | None,
 ) -> torch.Tensor:
-    """One token per variant: attend to the row's cached slots plus the variant's own key."""
+    """Every token of the pass: attend to its row's cached slots before its slot, plus its own key."""
     cache = fp.cache
-    length = cache.length
-    rows, heads, variants, dim = query.shape
-    kv_heads = key.shape[1]
+    if fp.write is not None:
+        writers = fp.write.nonzero().squeeze(1)
+        if writers.numel():
+            new_k, new_v = key[0, :, writers].transpose(0, 1), value[0, :, writers].transpose(0, 1)
+            cache.write_tokens(layer, fp.row_of_token()[writers], fp.slots[writers], new_k, new_v)
+    if fp.raw_only and softcap is None:
+        return _attend_raw(fp, layer, query, scaling, sliding_window)
+    q, own_k, own_v = _to_grid(fp, query), _to_grid(fp, key), _to_grid(fp, value)
+    rows, heads, width, dim = q.shape
+    kv_heads = own_k.shape[1]
     groups = heads // kv_heads
+    length = fp.length
     cached_k = cache.keys[layer][:, :, :length]
     cached_v = cache.values[layer][:, :, :length]
     if fp.rows is not None:
         cached_k, cached_v = cached_k[fp.rows], cached_v[fp.rows]
 
     # query heads kv*groups..kv*groups+groups-1 share key head kv: fold them into the query axis
-    grouped_q = query.reshape(rows, kv_heads, groups * variants, dim)
-    scores = torch.matmul(grouped_q, cached_k.transpose(2, 3)).view(rows, heads, variants, length)
-    scores = scores * scaling
+    grouped_q = q.reshape(rows, kv_heads, groups * width, dim)
+    scores = torch.matmul(grouped_q, cached_k.transpose(2, 3)).view(rows, heads, width, length) * scaling
     if fp.steer is not None:
         steered = fp.steer[:, :, layer]  # [N, P]
         if bool(steered.any()):
-            span = cache.span[:, :length] if fp.rows is None else cache.span[fp.rows, :length]
-            boost = (span[:, None, :] & steered[:, :, None]).to(scores.dtype) * (fp.alpha - 1.0) + 1.0
+            boost = (fp.span()[:, None, :] & steered[:, :, None]).to(scores.dtype) * (fp.alpha - 1.0) + 1.0
             scores = scores * boost[:, None]
-    own_key = key.repeat_interleave(groups, 1)
-    own_score = (query * own_key).sum(-1, keepdim=True) * scaling  # [N, H, P, 1]
+    grouped_q = grouped_q.view(rows, kv_heads, groups, width, dim)
+    own_score = (grouped_q * own_k[:, :, None]).sum(-1).view(rows, heads, width, 1) * scaling
     scores = torch.cat([scores, own_score], dim=-1)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    valid = fp.valid_keys(length, sliding_window)
-    scores[..., :length] = scores[..., :length].masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.softmax(scores + fp.bias(sliding_window, scores.dtype), dim=-1, dtype=torch.float32).to(q.dtype)
 
-    grouped_p = probs[..., :length].reshape(rows, kv_heads, groups * variants, length)
-    out = torch.matmul(grouped_p, cached_v).view(rows, heads, variants, dim)
-    out = out + probs[..., length:] * value.repeat_interleave(groups, 1)
-    if fp.write:
-        cache.write(layer, length, key, value)
-    return out.transpose(1, 2).contiguous()
+    grouped_p = probs[..., :length].reshape(rows, kv_heads, groups * width, length)
+    out = torch.matmul(grouped_p, cached_v).view(rows, kv_heads, groups, width, dim)
+    own_p = probs[..., length:].view(rows, kv_heads, groups, width, 1)
+    out = (out + own_p * own_v[:, :, None]).view(rows, heads, width, dim)
+    return _from_grid(fp, out)
+
+
+def _attend_raw(
+    fp: ForwardPass, layer: int, query: torch.Tensor, scaling: float, sliding_window: int | None
+) -> torch.Tensor:
+    """A pass of raw tokens only (the common case): one fused SDPA call over each row's written slots."""
+    length = fp.length + 1
+    keys, values = fp.cache.keys[layer][:, :, :length], fp.cache.values[layer][:, :, :length]
+    grid_q = query[0].transpose(0, 1)[:, :, None]  # [N, heads, 1, dim]
+    groups = query.shape[1] // keys.shape[1]
+    out = F.scaled_dot_product_attention(
+        grid_q, keys, values, attn_mask=fp.raw_mask(sliding_window), scale=scaling, enable_gqa=groups > 1
+    )
+    return out.transpose(1, 2).reshape(1, -1, query.shape[1], query.shape[3])
 
 
 AttentionInterface.register(ATTENTION_NAME, directer_attention)

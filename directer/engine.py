@@ -16,6 +16,7 @@ the rows that still need them. Zero-shot is the same loop without steering.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,8 +29,9 @@ from directer.config import SteeringConfig
 from directer.ranking import AttentionCapture, rank_layers, sensitivity
 
 FinishReason = Literal["stop", "length"]
-# up to this many variant tokens, one batched trial pass beats lazy trials on a CPU (memory-bound)
-CPU_BATCHED_TRIAL_TOKENS = 64
+# on a CPU a pass of up to this many tokens costs little more than one of 16 (BENCHMARKS.md): ``auto``
+# gives trial rows as many variants per pass as fit in it
+CPU_PASS_TOKENS = 32
 
 
 @dataclass
@@ -127,58 +129,83 @@ class Engine:
         with torch.inference_mode(), engine_attention(self.model):
             return _Decoding(self, requests, config).run()
 
-    def batched_trials(self, config: SteeringConfig, rows: int) -> bool:
-        """Run this step's trials as one pass? Yes where a forward costs about the same for a few more
-        tokens (GPUs; a CPU up to a few dozen tokens, as measured in BENCHMARKS.md), else one by one."""
-        if config.trial_schedule == "auto":
-            trials = len(trial_sizes(self.num_layers, config.max_trials))
-            return self.device.type != "cpu" or rows * trials <= CPU_BATCHED_TRIAL_TOKENS
-        return config.trial_schedule == "batched"
+    def trial_chunk(self, config: SteeringConfig, raw_rows: int, remaining: torch.Tensor) -> torch.Tensor:
+        """How many of its remaining trials each trial row runs in this pass: one (``lazy``), all
+        (``batched``), or with ``auto`` all on a GPU (memory-bound: more tokens per pass are nearly
+        free) and on a CPU as many as keep the pass within ``CPU_PASS_TOKENS``."""
+        if config.trial_schedule == "lazy":
+            return torch.ones_like(remaining)
+        if config.trial_schedule == "batched" or self.device.type != "cpu":
+            return remaining
+        if raw_rows + int(remaining.sum()) <= CPU_PASS_TOKENS:
+            return remaining
+        return remaining.clamp(max=max(1, (CPU_PASS_TOKENS - raw_rows) // len(remaining)))
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, fp: ForwardPass, logits: bool = True
     ) -> torch.Tensor:
-        """Logits of every variant: ``tokens [N, P]`` at ``positions [N]`` -> ``[N, P, vocab]`` float32
-        (with ``logits=False``, only the last variant's: the ranking probes need hidden states only)."""
-        variants = tokens.shape[1]
+        """Logits ``[T, vocab]`` (float32) of the packed tokens ``[T]`` at ``positions [T]`` (with
+        ``logits=False`` only the last token's: the ranking probes need hidden states only)."""
         out = self.model(
-            input_ids=tokens,
-            position_ids=positions[:, None].expand(-1, variants),
+            input_ids=tokens[None],
+            position_ids=positions[None],
             use_cache=False,
-            logits_to_keep=variants if logits else 1,
+            logits_to_keep=0 if logits else 1,
             directer_pass=fp,
         )
-        return out.logits.float()
+        return out.logits[0].float()
+
+
+# per-row decoding state, one entry per active cache row (compacted together when rows finish)
+_ROW_STATE = (
+    "order", "token", "emitted", "steerable", "next_trial", "rank_of", "raw_probs",
+    "raw_token", "top1", "top2", "gate_skipped", "trials", "layers", "out_token",
+)  # fmt: skip
 
 
 class _Decoding:
-    """State of one batch being decoded; rows leave the batch as they finish."""
+    """State of one batch being decoded. Rows advance independently: each pass carries the raw token
+    of every row starting a step next to the trial variants of every row whose step passed the gate,
+    so no row waits while others run trials. Rows leave the batch as they finish."""
 
     def __init__(self, engine: Engine, requests: Sequence[Request], config: SteeringConfig) -> None:
         self.engine, self.requests, self.config = engine, requests, config
         device = engine.device
+        count = len(requests)
         lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
         width = int(lengths.max())
-        pad = width - lengths
-        ids = torch.full((len(requests), width), engine.pad_token_id, dtype=torch.long, device=device)
-        span = torch.zeros(len(requests), width + config.max_new_tokens, dtype=torch.bool, device=device)
+        ids = torch.full((count, width), engine.pad_token_id, dtype=torch.long, device=device)
+        span = torch.zeros(count, width + config.max_new_tokens, dtype=torch.bool, device=device)
         for row, request in enumerate(requests):
             ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids, device=device)
             span[row, [width - len(request.prompt_ids) + p for p in request.span]] = True
-        self.cache = KVCache(pad, span, width + config.max_new_tokens)
+        self.cache = KVCache(width - lengths, span, width + config.max_new_tokens)
         self.prompt = ids
-        self.order = torch.arange(len(requests), device=device)  # original row of each active row
-        self.rank_of: torch.Tensor | None = None  # [N, L]: position of each layer in its row's ranking
+        self.sizes = trial_sizes(engine.num_layers, config.max_trials)
         self.rankings: list[list[int] | None] = [
             list(r.ranking) if r.ranking is not None and r.span else None for r in requests
         ]
-        # a row without an instruction span has nothing to steer: it decodes as zero-shot
-        self.steerable = torch.tensor([bool(r.span) for r in requests], device=device)
-        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.finished: dict[int, FinishReason] = {}
 
+        def zeros(dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.zeros(count, dtype=dtype, device=device)
+
+        self.order = torch.arange(count, device=device)  # original row of each active row
+        self.token = ids[:, -1]  # input of the row's next pass
+        self.emitted = zeros()  # tokens emitted so far
+        # a row without an instruction span has nothing to steer: it decodes as zero-shot
+        self.steerable = torch.tensor([bool(r.span) and config.steers for r in requests], device=device)
+        self.next_trial = zeros() - 1  # index into ``sizes`` of the row's next trial; -1: next pass is raw
+        self.rank_of = torch.zeros(count, engine.num_layers, dtype=torch.long, device=device)  # layer -> rank
+        self.raw_probs = torch.zeros(count, 0, device=device)  # [N, vocab] once some row runs trials
+        # the current step of each row: its raw pass, then its trials
+        self.raw_token, self.top1, self.top2 = zeros(), zeros(torch.float32), zeros(torch.float32)
+        self.gate_skipped = zeros(torch.bool)
+        self.trials, self.layers, self.out_token = zeros(), zeros(), zeros()
+
     def run(self) -> list[Generation]:
-        engine, cache, config = self.engine, self.cache, self.config
+        engine, cache = self.engine, self.cache
         if self.prompt.shape[1] > 1:
             context = self.prompt[:, :-1]
             positions = (torch.arange(context.shape[1], device=context.device)[None] - cache.pad[:, None]).clamp(min=0)
@@ -187,141 +214,184 @@ class _Decoding:
                 position_ids=positions,
                 use_cache=False,
                 logits_to_keep=1,
-                directer_pass=ForwardPass(cache, prefill=True, write=True),
+                directer_pass=ForwardPass(cache, prefill=True),
             )
-        cache.length = self.prompt.shape[1] - 1
-        token = self.prompt[:, -1]
-        for step in range(config.max_new_tokens):
-            emitted = self._step(token, first=step == 0)
-            done = torch.isin(emitted, engine.eos)
-            if step + 1 == config.max_new_tokens:
-                for row in self.order[~done].tolist():
-                    self.finished[row] = "length"
-                done = torch.ones_like(done)
-            if bool(done.any()):
-                for row in self.order[done].tolist():
-                    self.finished.setdefault(row, "stop")
-                if bool(done.all()):
-                    break
-                keep = (~done).nonzero().squeeze(1)
-                cache.keep_rows(keep)
-                self.order = self.order[keep]
-                self.steerable = self.steerable[keep]
-                if self.rank_of is not None:
-                    self.rank_of = self.rank_of[keep]
-                emitted = emitted[keep]
-            token = emitted
+        cache.lengths += self.prompt.shape[1] - 1
+        first = True
+        while len(self.order):
+            self._pass(first)
+            first = False
         return self._results()
 
-    def _step(self, token: torch.Tensor, first: bool) -> torch.Tensor:
-        """One decoding step for every active row; returns the emitted tokens."""
+    def _pass(self, first: bool) -> None:
+        """One forward for every active row: the raw token of each row starting a step, and for each row
+        whose step passed the gate its trial variants plus, when they settle the step, its next raw token
+        speculatively fed the unsteered top-1 (what the step emits unless steering changes it)."""
         engine, cache, config = self.engine, self.cache, self.config
-        positions = cache.length - cache.pad
-        steering = config.steers and bool(self.steerable.any())
-        probe_rows = self._rows_to_rank() if first and steering else None
+        device = self.token.device
+        raw = self.next_trial < 0
+        raw_rows, trial_rows = raw.nonzero().squeeze(1), (~raw).nonzero().squeeze(1)
+        counts = torch.ones_like(self.token)
+        chunk = settles = None
+        if trial_rows.numel():
+            remaining = len(self.sizes) - self.next_trial[trial_rows]
+            chunk = engine.trial_chunk(config, len(raw_rows), remaining)
+            settles = chunk == remaining
+            counts[trial_rows] = chunk + settles.long()
+        width = int(counts.max())
+        cells = torch.arange(width, device=device)[None, :]
+        valid = cells < counts[:, None]  # [N, W]: row r's tokens in cells 0..counts[r]-1
+        tokens = self.token[:, None].expand(-1, width).clone()
+        slots = cache.lengths[:, None].expand(-1, width).clone()  # raw tokens go to the next free slot
+        write = raw[:, None] & (cells == 0)
+        steer = None
+        if chunk is not None:
+            # trial row cells: variants 0..chunk-1 (the step's token at its slot), then the speculative token
+            variant = cells < chunk[:, None]
+            slots[trial_rows] -= variant.long()
+            speculative = cells == chunk[:, None]
+            tokens[trial_rows] = torch.where(speculative, self.raw_token[trial_rows, None], tokens[trial_rows])
+            write[trial_rows] = speculative
+            tried = (self.next_trial[trial_rows, None] + cells).clamp(max=len(self.sizes) - 1)
+            sizes = torch.tensor(self.sizes, device=device)[tried]  # [R, W]: layers each variant steers
+            steer = torch.zeros(len(counts), width, engine.num_layers, dtype=torch.bool, device=device)
+            steer[trial_rows] = (self.rank_of[trial_rows][:, None, :] < sizes[:, :, None]) & variant[:, :, None]
+        packed_slots = slots[valid]
+        fp = ForwardPass(
+            cache, variants=width if bool(valid.all()) else counts, slots=packed_slots, write=write[valid],
+            steer=steer, alpha=config.alpha,
+        )  # fmt: skip
+        positions = packed_slots - cache.pad.repeat_interleave(counts)
+        probe_rows = self._rows_to_rank() if first and bool(self.steerable.any()) else None
         capture = AttentionCapture()
-        raw_pass = ForwardPass(cache, write=True)
+        with capture.recording(engine.model) if probe_rows is not None else contextlib.nullcontext():
+            logits = engine.forward(tokens[valid], positions, fp)
+        starts = torch.cumsum(counts, 0) - counts
+        emit = self._raw_step(raw_rows, logits[starts[raw_rows]], first)
         if probe_rows is not None:
-            with capture.recording(engine.model):
-                logits = engine.forward(token[:, None], positions, raw_pass)[:, -1]
-            raw_pre, raw_post = capture.pre, capture.post
-        else:
-            logits = engine.forward(token[:, None], positions, raw_pass)[:, -1]
+            self._rank(probe_rows, capture)
+        self._enter_trials(raw_rows, emit)
+
+        confirmed = None
+        if chunk is not None:
+            # trial rows: each keeps its first accepted variant; rows out of trials fall back
+            variant_cells = torch.minimum(cells, chunk[:, None] - 1)
+            steered = logits[starts[trial_rows, None] + variant_cells].argmax(-1)  # [R, W]
+            accepted = self.raw_probs[trial_rows].gather(1, steered) > config.beta * self.top1[trial_rows, None]
+            accepted &= cells < chunk[:, None]
+            won = accepted.any(dim=1)
+            pick = accepted.int().argmax(dim=1)
+            self.trials[trial_rows] += torch.where(won, pick + 1, chunk)
+            winners = trial_rows[won]
+            self.out_token[winners] = steered[won, pick[won]]
+            self.layers[winners] = sizes[won, pick[won]]
+            self.next_trial[trial_rows] += chunk
+            settled = won | (self.next_trial[trial_rows] >= len(self.sizes))
+            self.next_trial[trial_rows[settled]] = -1
+            emit[trial_rows[settled]] = True
+            # the speculative token was the right input where the step emitted the unsteered top-1
+            speculated = settles & (self.out_token[trial_rows] == self.raw_token[trial_rows])
+            confirmed = trial_rows[speculated]
+            speculative_logits = logits[starts[confirmed] + chunk[speculated]]
+
+        done = self._emit(emit.nonzero().squeeze(1))
+        if confirmed is not None and confirmed.numel():
+            live = ~done[confirmed]
+            confirmed, speculative_logits = confirmed[live], speculative_logits[live]
+            again = self._raw_step(confirmed, speculative_logits, first=False)
+            self._enter_trials(confirmed, again)
+            done |= self._emit(again.nonzero().squeeze(1))
+        if bool(done.any()):
+            self._drop((~done).nonzero().squeeze(1))
+
+    def _raw_step(self, rows: torch.Tensor, logits: torch.Tensor, first: bool) -> torch.Tensor:
+        """The raw results of ``rows`` (their token now sits in the cache): unsteered top-1/top-2, the
+        gate (not on a row's first step). Returns ``[N]`` bool, the rows whose step ends here."""
+        self.cache.lengths[rows] += 1
         probs = torch.softmax(logits, dim=-1)
         top = probs.topk(2, dim=-1)
-        top1_prob, raw_token, top2_prob = top.values[:, 0], top.indices[:, 0], top.values[:, 1]
-        emitted = raw_token.clone()
-        trials = torch.zeros_like(raw_token)
-        layers = torch.zeros_like(raw_token)
-        gate_skipped = torch.zeros_like(raw_token, dtype=torch.bool)
-        if steering:
-            if probe_rows is not None:
-                self._rank(token, positions, probe_rows, raw_pre, raw_post)
-            if first:
-                need = self.steerable.clone()  # no gate on the first step
-            else:
-                gate_skipped = (top2_prob < config.beta * top1_prob) & self.steerable
-                need = self.steerable & ~gate_skipped
-            pending = need.nonzero().squeeze(1)
-            if pending.numel():
-                trial = self._batched_trials if engine.batched_trials(config, len(pending)) else self._lazy_trials
-                trial(token, positions, pending, probs, top1_prob, emitted, trials, layers)
-        cache.length += 1
+        self.raw_token[rows], self.out_token[rows] = top.indices[:, 0], top.indices[:, 0]
+        self.top1[rows], self.top2[rows] = top.values[:, 0], top.values[:, 1]
+        self.trials[rows], self.layers[rows] = 0, 0
+        steerable = self.steerable[rows]
+        skipped = steerable & (top.values[:, 1] < self.config.beta * top.values[:, 0]) & (not first)
+        self.gate_skipped[rows] = skipped
+        need = steerable & ~skipped if self.sizes else torch.zeros_like(steerable)
+        if bool(need.any()):
+            if self.raw_probs.shape[1] == 0:
+                self.raw_probs = torch.zeros(len(self.token), probs.shape[-1], device=probs.device)
+            self.raw_probs[rows[need]] = probs[need]
+        ends = torch.zeros_like(self.steerable)
+        ends[rows[~need]] = True
+        return ends
+
+    def _enter_trials(self, rows: torch.Tensor, ends: torch.Tensor) -> None:
+        """Rows among ``rows`` whose step does not end at the raw pass run trials next."""
+        self.next_trial[rows[~ends[rows]]] = 0
+
+    def _emit(self, rows: torch.Tensor) -> torch.Tensor:
+        """Record the finished steps of ``rows`` and feed their tokens back. Returns ``[N]`` bool, the
+        rows that are done (end of sequence or ``max_new_tokens``)."""
+        done = torch.zeros_like(self.steerable)
+        if rows.numel() == 0:
+            return done
+        token = self.out_token[rows]
         record = torch.stack(
-            [
-                raw_token.double(),
-                top1_prob.double(),
-                top2_prob.double(),
-                gate_skipped.double(),
-                trials.double(),
-                layers.double(),
-                emitted.double(),
-            ],
+            [self.raw_token[rows].double(), self.top1[rows].double(), self.top2[rows].double(),
+             self.gate_skipped[rows].double(), self.trials[rows].double(), self.layers[rows].double(), token.double()],
             dim=1,
-        )
-        self.steps.append((self.order.cpu(), record.cpu()))
-        return emitted
+        )  # fmt: skip
+        self.records.append((self.order[rows].cpu(), record.cpu()))
+        self.token[rows] = token
+        self.emitted[rows] += 1
+        stop = torch.isin(token, self.engine.eos)
+        finished = stop | (self.emitted[rows] >= self.config.max_new_tokens)
+        for row, stopped in zip(self.order[rows[finished]].tolist(), stop[finished].tolist()):
+            self.finished[row] = "stop" if stopped else "length"
+        done[rows[finished]] = True
+        return done
+
+    def _drop(self, keep: torch.Tensor) -> None:
+        """Keep only the rows ``keep`` (one copy per event, so later passes stop paying for the rest)."""
+        self.cache.keep_rows(keep)
+        for name in _ROW_STATE:
+            setattr(self, name, getattr(self, name)[keep])
 
     def _rows_to_rank(self) -> torch.Tensor | None:
-        """Active rows without a given ranking (on the first step every row is still active)."""
+        """Rows without a given ranking (on the first pass every row is still active)."""
         missing = [row for row, r in enumerate(self.requests) if self.rankings[row] is None and r.span]
-        self.rank_of = torch.zeros(
-            len(self.requests), self.engine.num_layers, dtype=torch.long, device=self.engine.device
-        )
         for row, ranking in enumerate(self.rankings):
             if ranking is not None:
                 self.rank_of[row] = torch.argsort(torch.tensor(ranking, device=self.engine.device))
         return torch.tensor(missing, dtype=torch.long, device=self.engine.device) if missing else None
 
-    def _rank(self, token, positions, rows, raw_pre, raw_post) -> None:
+    def _rank(self, rows: torch.Tensor, raw: AttentionCapture) -> None:
         """One pass with one probe per layer for each row in ``rows``; stores their layer order."""
         engine, num_layers = self.engine, self.engine.num_layers
-        steer = torch.eye(num_layers, dtype=torch.bool, device=token.device).expand(len(rows), -1, -1)
-        probe = ForwardPass(self.cache, rows=_maybe_all(rows, len(token)), steer=steer, alpha=self.config.alpha)
+        steer = torch.eye(num_layers, dtype=torch.bool, device=rows.device).expand(len(rows), -1, -1)
+        # the raw pass has written the token's slot; each probe reads the slots before it
+        slots = (self.cache.lengths[rows] - 1).repeat_interleave(num_layers)
+        probe = ForwardPass(
+            self.cache, rows=None if len(rows) == len(self.token) else rows, variants=num_layers, slots=slots,
+            steer=steer, alpha=self.config.alpha,
+        )  # fmt: skip
         capture = AttentionCapture()
         with capture.recording(engine.model):
-            engine.forward(token[rows, None].expand(-1, num_layers), positions[rows], probe, logits=False)
-        subset = [t[rows] for t in raw_pre], [t[rows] for t in raw_post]
-        scores = sensitivity(*subset, capture.pre, capture.post)
-        order = rank_layers(scores)
+            positions = slots - self.cache.pad[rows].repeat_interleave(num_layers)
+            engine.forward(self.token[rows].repeat_interleave(num_layers), positions, probe, logits=False)
+        # packed captures [1, T, hidden] -> raw [R, 1, hidden], probes [R, L, hidden]
+        raw_pre, raw_post = ([t[0, rows, None] for t in captured] for captured in (raw.pre, raw.post))
+        probe_pre, probe_post = (
+            [t.view(len(rows), num_layers, t.shape[-1]) for t in captured] for captured in (capture.pre, capture.post)
+        )
+        order = rank_layers(sensitivity(raw_pre, raw_post, probe_pre, probe_post))
         self.rank_of[rows] = torch.argsort(order, dim=-1)
         for row, ranking in zip(rows.tolist(), order.tolist()):
             self.rankings[row] = ranking
 
-    def _lazy_trials(self, token, positions, pending, probs, top1_prob, emitted, trials, layers) -> None:
-        """One trial at a time, each for the rows whose earlier trials were all rejected."""
-        for size in trial_sizes(self.engine.num_layers, self.config.max_trials):
-            steer = (self.rank_of[pending] < size)[:, None, :]
-            fp = ForwardPass(self.cache, rows=_maybe_all(pending, len(token)), steer=steer, alpha=self.config.alpha)
-            steered = self.engine.forward(token[pending, None], positions[pending], fp)[:, -1].argmax(-1)
-            trials[pending] += 1
-            accepted = probs[pending, steered] > self.config.beta * top1_prob[pending]
-            emitted[pending[accepted]] = steered[accepted]
-            layers[pending[accepted]] = size
-            pending = pending[~accepted]
-            if pending.numel() == 0:
-                return
-
-    def _batched_trials(self, token, positions, pending, probs, top1_prob, emitted, trials, layers) -> None:
-        """Every trial of the step as one variant of one pass; each row keeps its first accepted trial."""
-        sizes = trial_sizes(self.engine.num_layers, self.config.max_trials)
-        if not sizes:
-            return
-        size_t = torch.tensor(sizes, device=token.device)
-        steer = self.rank_of[pending][:, None, :] < size_t[None, :, None]  # [R, K, L]
-        fp = ForwardPass(self.cache, rows=_maybe_all(pending, len(token)), steer=steer, alpha=self.config.alpha)
-        steered = self.engine.forward(token[pending, None].expand(-1, len(sizes)), positions[pending], fp).argmax(-1)
-        accepted = probs[pending].gather(1, steered) > self.config.beta * top1_prob[pending, None]  # [R, K]
-        any_accepted = accepted.any(dim=1)
-        first = accepted.int().argmax(dim=1)
-        trials[pending] = torch.where(any_accepted, first + 1, len(sizes))
-        winners = pending[any_accepted]
-        emitted[winners] = steered[any_accepted, first[any_accepted]]
-        layers[winners] = size_t[first[any_accepted]]
-
     def _results(self) -> list[Generation]:
         per_row: list[list[StepTelemetry]] = [[] for _ in self.requests]
-        for order, record in self.steps:
+        for order, record in self.records:
             for row, values in zip(order.tolist(), record.tolist()):
                 raw, p1, p2, skipped, trials, layers, token = values
                 per_row[row].append(
@@ -346,10 +416,3 @@ class _Decoding:
             )
             for row, steps in enumerate(per_row)
         ]
-
-
-def _maybe_all(rows: torch.Tensor, total: int) -> torch.Tensor | None:
-    """``None`` when ``rows`` is every row in order (no gather needed)."""
-    if len(rows) == total:
-        return None
-    return rows

@@ -156,6 +156,21 @@ class Engine:
         return out.logits[0].float()
 
 
+@dataclass
+class _Layout:
+    """Where the tokens of one pass sit: row ``r``'s tokens start at packed index ``starts[r]``."""
+
+    raw_rows: torch.Tensor
+    trial_rows: torch.Tensor
+    chunk: torch.Tensor | None  # trials each trial row runs in this pass
+    speculates: torch.Tensor | None  # trial rows whose pass settles the step also run their next raw token
+    sizes: torch.Tensor | None  # [R, W] layer-set size of each trial cell
+    starts: torch.Tensor
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    fp: ForwardPass
+
+
 # per-row decoding state, one entry per active cache row (compacted together when rows finish)
 _ROW_STATE = (
     "order", "token", "emitted", "steerable", "next_trial", "rank_of", "raw_probs",
@@ -224,29 +239,52 @@ class _Decoding:
         return self._results()
 
     def _pass(self, first: bool) -> None:
-        """One forward for every active row: the raw token of each row starting a step, and for each row
-        whose step passed the gate its trial variants plus, when they settle the step, its next raw token
+        """One forward for every active row (see :meth:`_layout`), then each row's step moves on."""
+        layout = self._layout()
+        probe_rows = self._rows_to_rank() if first and bool(self.steerable.any()) else None
+        capture = AttentionCapture()
+        with capture.recording(self.engine.model) if probe_rows is not None else contextlib.nullcontext():
+            logits = self.engine.forward(layout.tokens, layout.positions, layout.fp)
+        ends = self._raw_step(layout.raw_rows, logits[layout.starts[layout.raw_rows]], first)
+        if probe_rows is not None:
+            self._rank(probe_rows, capture)
+        self._enter_trials(layout.raw_rows, ends)
+        confirmed = speculative_logits = None
+        if layout.chunk is not None:
+            confirmed, speculative_logits = self._settle_trials(layout, logits, ends)
+        done = self._emit(ends.nonzero().squeeze(1))
+        if confirmed is not None and confirmed.numel():
+            live = ~done[confirmed]
+            confirmed, speculative_logits = confirmed[live], speculative_logits[live]
+            again = self._raw_step(confirmed, speculative_logits, first=False)
+            self._enter_trials(confirmed, again)
+            done |= self._emit(again.nonzero().squeeze(1))
+        if bool(done.any()):
+            self._drop((~done).nonzero().squeeze(1))
+
+    def _layout(self) -> _Layout:
+        """The packed tokens of one pass: one raw token for each row starting a step; for each row whose
+        step passed the gate, its trial variants and, when they settle the step, its next raw token
         speculatively fed the unsteered top-1 (what the step emits unless steering changes it)."""
-        engine, cache, config = self.engine, self.cache, self.config
+        engine, cache = self.engine, self.cache
         device = self.token.device
         raw = self.next_trial < 0
         raw_rows, trial_rows = raw.nonzero().squeeze(1), (~raw).nonzero().squeeze(1)
         counts = torch.ones_like(self.token)
-        chunk = settles = None
+        chunk = speculates = sizes = steer = None
         if trial_rows.numel():
             remaining = len(self.sizes) - self.next_trial[trial_rows]
-            chunk = engine.trial_chunk(config, len(raw_rows), remaining)
-            settles = chunk == remaining
-            counts[trial_rows] = chunk + settles.long()
+            chunk = engine.trial_chunk(self.config, len(raw_rows), remaining)
+            speculates = chunk == remaining
+            counts[trial_rows] = chunk + speculates.long()
         width = int(counts.max())
         cells = torch.arange(width, device=device)[None, :]
         valid = cells < counts[:, None]  # [N, W]: row r's tokens in cells 0..counts[r]-1
         tokens = self.token[:, None].expand(-1, width).clone()
         slots = cache.lengths[:, None].expand(-1, width).clone()  # raw tokens go to the next free slot
         write = raw[:, None] & (cells == 0)
-        steer = None
         if chunk is not None:
-            # trial row cells: variants 0..chunk-1 (the step's token at its slot), then the speculative token
+            # trial cells 0..chunk-1 hold the step's token at its slot; cell chunk, the speculative token
             variant = cells < chunk[:, None]
             slots[trial_rows] -= variant.long()
             speculative = cells == chunk[:, None]
@@ -259,50 +297,37 @@ class _Decoding:
         packed_slots = slots[valid]
         fp = ForwardPass(
             cache, variants=width if bool(valid.all()) else counts, slots=packed_slots, write=write[valid],
-            steer=steer, alpha=config.alpha,
+            steer=steer, alpha=self.config.alpha,
         )  # fmt: skip
-        positions = packed_slots - cache.pad.repeat_interleave(counts)
-        probe_rows = self._rows_to_rank() if first and bool(self.steerable.any()) else None
-        capture = AttentionCapture()
-        with capture.recording(engine.model) if probe_rows is not None else contextlib.nullcontext():
-            logits = engine.forward(tokens[valid], positions, fp)
-        starts = torch.cumsum(counts, 0) - counts
-        emit = self._raw_step(raw_rows, logits[starts[raw_rows]], first)
-        if probe_rows is not None:
-            self._rank(probe_rows, capture)
-        self._enter_trials(raw_rows, emit)
+        return _Layout(
+            raw_rows=raw_rows, trial_rows=trial_rows, chunk=chunk, speculates=speculates, sizes=sizes,
+            starts=torch.cumsum(counts, 0) - counts, tokens=tokens[valid],
+            positions=packed_slots - cache.pad.repeat_interleave(counts), fp=fp,
+        )  # fmt: skip
 
-        confirmed = None
-        if chunk is not None:
-            # trial rows: each keeps its first accepted variant; rows out of trials fall back
-            variant_cells = torch.minimum(cells, chunk[:, None] - 1)
-            steered = logits[starts[trial_rows, None] + variant_cells].argmax(-1)  # [R, W]
-            accepted = self.raw_probs[trial_rows].gather(1, steered) > config.beta * self.top1[trial_rows, None]
-            accepted &= cells < chunk[:, None]
-            won = accepted.any(dim=1)
-            pick = accepted.int().argmax(dim=1)
-            self.trials[trial_rows] += torch.where(won, pick + 1, chunk)
-            winners = trial_rows[won]
-            self.out_token[winners] = steered[won, pick[won]]
-            self.layers[winners] = sizes[won, pick[won]]
-            self.next_trial[trial_rows] += chunk
-            settled = won | (self.next_trial[trial_rows] >= len(self.sizes))
-            self.next_trial[trial_rows[settled]] = -1
-            emit[trial_rows[settled]] = True
-            # the speculative token was the right input where the step emitted the unsteered top-1
-            speculated = settles & (self.out_token[trial_rows] == self.raw_token[trial_rows])
-            confirmed = trial_rows[speculated]
-            speculative_logits = logits[starts[confirmed] + chunk[speculated]]
-
-        done = self._emit(emit.nonzero().squeeze(1))
-        if confirmed is not None and confirmed.numel():
-            live = ~done[confirmed]
-            confirmed, speculative_logits = confirmed[live], speculative_logits[live]
-            again = self._raw_step(confirmed, speculative_logits, first=False)
-            self._enter_trials(confirmed, again)
-            done |= self._emit(again.nonzero().squeeze(1))
-        if bool(done.any()):
-            self._drop((~done).nonzero().squeeze(1))
+    def _settle_trials(
+        self, layout: _Layout, logits: torch.Tensor, ends: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trial rows keep their first accepted variant; rows out of trials fall back to the unsteered
+        token. Marks settled steps in ``ends``; returns the rows whose speculative token was the right
+        input (the step emitted the unsteered top-1) and that token's logits."""
+        rows, chunk, sizes = layout.trial_rows, layout.chunk, layout.sizes
+        cells = torch.arange(sizes.shape[1], device=rows.device)[None, :]
+        variant_cells = torch.minimum(cells, chunk[:, None] - 1)
+        steered = logits[layout.starts[rows, None] + variant_cells].argmax(-1)  # [R, W]
+        accepted = self.raw_probs[rows].gather(1, steered) > self.config.beta * self.top1[rows, None]
+        accepted &= cells < chunk[:, None]
+        won = accepted.any(dim=1)
+        pick = accepted.int().argmax(dim=1)
+        self.trials[rows] += torch.where(won, pick + 1, chunk)
+        self.out_token[rows[won]] = steered[won, pick[won]]
+        self.layers[rows[won]] = sizes[won, pick[won]]
+        self.next_trial[rows] += chunk
+        settled = won | (self.next_trial[rows] >= len(self.sizes))
+        self.next_trial[rows[settled]] = -1
+        ends[rows[settled]] = True
+        right = layout.speculates & (self.out_token[rows] == self.raw_token[rows])
+        return rows[right], logits[layout.starts[rows[right]] + chunk[right]]
 
     def _raw_step(self, rows: torch.Tensor, logits: torch.Tensor, first: bool) -> torch.Tensor:
         """The raw results of ``rows`` (their token now sits in the cache): unsteered top-1/top-2, the

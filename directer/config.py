@@ -20,9 +20,9 @@ class SteeringConfig:
     beta: plausibility threshold; a steered token is kept only when the unsteered model gives it
         more than ``beta`` times the probability of its own top-1 token.
     max_trials: steered passes allowed per step before falling back to the unsteered token.
-    trial_schedule: ``lazy`` runs one trial at a time and only for rows that still need it (best
-        when compute-bound); ``batched`` runs every trial of a step in one forward (best when
-        memory-bound: GPU decoding, or a CPU with few rows needing trials); ``auto`` picks per step.
+    trial_schedule: ``batched`` runs all remaining trials of a step as variants of one pass; ``lazy``
+        one trial per pass; ``auto`` is the engine's choice (``batched``: measured faster on a CPU,
+        and more so on memory-bound GPUs). All give the same tokens.
     """
 
     method: Method = "directer"

@@ -29,9 +29,6 @@ from directer.config import SteeringConfig
 from directer.ranking import AttentionCapture, rank_layers, sensitivity
 
 FinishReason = Literal["stop", "length"]
-# on a CPU a pass of up to this many tokens costs little more than one of 16 (BENCHMARKS.md): ``auto``
-# gives trial rows as many variants per pass as fit in it
-CPU_PASS_TOKENS = 32
 
 
 @dataclass
@@ -129,17 +126,11 @@ class Engine:
         with torch.inference_mode(), engine_attention(self.model):
             return _Decoding(self, requests, config).run()
 
-    def trial_chunk(self, config: SteeringConfig, raw_rows: int, remaining: torch.Tensor) -> torch.Tensor:
-        """How many of its remaining trials each trial row runs in this pass: one (``lazy``), all
-        (``batched``), or with ``auto`` all on a GPU (memory-bound: more tokens per pass are nearly
-        free) and on a CPU as many as keep the pass within ``CPU_PASS_TOKENS``."""
-        if config.trial_schedule == "lazy":
-            return torch.ones_like(remaining)
-        if config.trial_schedule == "batched" or self.device.type != "cpu":
-            return remaining
-        if raw_rows + int(remaining.sum()) <= CPU_PASS_TOKENS:
-            return remaining
-        return remaining.clamp(max=max(1, (CPU_PASS_TOKENS - raw_rows) // len(remaining)))
+    def trial_chunk(self, config: SteeringConfig, remaining: torch.Tensor) -> torch.Tensor:
+        """How many of its remaining trials each trial row runs in this pass: one (``lazy``) or all
+        (``batched``, and ``auto``: a few more tokens cost a CPU or GPU pass little, a pass saved costs
+        a whole one; BENCHMARKS.md)."""
+        return torch.ones_like(remaining) if config.trial_schedule == "lazy" else remaining
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, fp: ForwardPass, logits: bool = True
@@ -274,7 +265,7 @@ class _Decoding:
         chunk = speculates = sizes = steer = None
         if trial_rows.numel():
             remaining = len(self.sizes) - self.next_trial[trial_rows]
-            chunk = engine.trial_chunk(self.config, len(raw_rows), remaining)
+            chunk = engine.trial_chunk(self.config, remaining)
             speculates = chunk == remaining
             counts[trial_rows] = chunk + speculates.long()
         width = int(counts.max())

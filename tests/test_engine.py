@@ -113,6 +113,30 @@ def test_batch_gives_each_row_its_tokens_alone():
         )
 
 
+def test_settled_trial_pass_runs_the_next_raw_token_speculatively():
+    """A step that passes the gate costs one trial pass; when it emits the unsteered top-1, that pass
+    has also run the next step's raw token, so no separate raw pass follows."""
+    model = tiny_model("llama", seed=5)
+    engine = Engine(model, [1], 0)
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        saved = 0
+        for request in random_requests(4, seed=12):
+            forwards.clear()
+            (generation,) = engine.generate([request], SteeringConfig(max_new_tokens=MAX_NEW, trial_schedule="batched"))
+            steps = generation.telemetry
+            trial_steps = sum(s.trials > 0 for s in steps)
+            folded = sum(s.trials > 0 and not s.changed for s in steps[:-1])
+            prefill_and_probes = (len(request.prompt_ids) > 1) + 1
+            assert len(forwards) == prefill_and_probes + len(steps) + trial_steps - folded
+            assert_matches(generation, oracle(model, request))
+            saved += folded
+    finally:
+        handle.remove()
+    assert saved > 0, "the test prompts should exercise a confirmed speculative token"
+
+
 def test_given_ranking_skips_probes_and_keeps_tokens():
     model = tiny_model("qwen3", seed=2)
     engine = Engine(model, [1], 0)

@@ -21,8 +21,8 @@ class SteeringConfig:
         more than ``beta`` times the probability of its own top-1 token.
     max_trials: steered passes allowed per step before falling back to the unsteered token.
     trial_schedule: ``batched`` runs all remaining trials of a step as variants of one pass; ``lazy``
-        one trial per pass; ``auto`` is the engine's choice (``batched``: measured faster on a CPU,
-        and more so on memory-bound GPUs). All give the same tokens.
+        one trial per pass; ``auto`` is the engine's choice, ``batched`` (measured faster on a CPU in
+        BENCHMARKS.md; memory-bound GPU decoding favours it further). All give the same tokens.
     """
 
     method: Method = "directer"

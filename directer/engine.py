@@ -10,8 +10,10 @@ Every row runs the algorithm of the paper independently (see DESIGN §1):
    ``p[j*] > beta * p[i*]`` or the unsteered token is emitted (fallback);
 3. stop at any end-of-sequence id or at ``max_new_tokens``.
 
-Steered passes read the cache as it was before the raw pass and never write to it; they run only for
-the rows that still need them. Zero-shot is the same loop without steering.
+Trials read the cache as it was before the raw pass and never write to it. Rows advance
+independently: each forward is one packed pass in which every row brings what its step needs next
+(its raw token, or its trials plus a speculative next raw token), so nobody waits for another row's
+trials. Zero-shot is the same loop without steering.
 """
 
 from __future__ import annotations

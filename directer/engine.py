@@ -241,7 +241,6 @@ class _Decoding:
         ends = self._raw_step(layout.raw_rows, logits[layout.starts[layout.raw_rows]], first)
         if probe_rows is not None:
             self._rank(probe_rows, capture)
-        self._enter_trials(layout.raw_rows, ends)
         confirmed = speculative_logits = None
         if layout.chunk is not None:
             confirmed, speculative_logits = self._settle_trials(layout, logits, ends)
@@ -250,7 +249,6 @@ class _Decoding:
             live = ~done[confirmed]
             confirmed, speculative_logits = confirmed[live], speculative_logits[live]
             again = self._raw_step(confirmed, speculative_logits, first=False)
-            self._enter_trials(confirmed, again)
             done |= self._emit(again.nonzero().squeeze(1))
         if bool(done.any()):
             self._drop((~done).nonzero().squeeze(1))
@@ -280,7 +278,7 @@ class _Decoding:
             # trial cells 0..chunk-1 hold the step's token at its slot; cell chunk, the speculative token
             variant = cells < chunk[:, None]
             slots[trial_rows] -= variant.long()
-            speculative = cells == chunk[:, None]
+            speculative = (cells == chunk[:, None]) & speculates[:, None]
             tokens[trial_rows] = torch.where(speculative, self.raw_token[trial_rows, None], tokens[trial_rows])
             write[trial_rows] = speculative
             tried = (self.next_trial[trial_rows, None] + cells).clamp(max=len(self.sizes) - 1)
@@ -324,7 +322,8 @@ class _Decoding:
 
     def _raw_step(self, rows: torch.Tensor, logits: torch.Tensor, first: bool) -> torch.Tensor:
         """The raw results of ``rows`` (their token now sits in the cache): unsteered top-1/top-2, the
-        gate (not on a row's first step). Returns ``[N]`` bool, the rows whose step ends here."""
+        gate (not on a row's first step); rows past the gate run trials next. Returns ``[N]`` bool, the rows
+        whose step ends here."""
         self.cache.lengths[rows] += 1
         probs = torch.softmax(logits, dim=-1)
         top = probs.topk(2, dim=-1)
@@ -339,13 +338,10 @@ class _Decoding:
             if self.raw_probs.shape[1] == 0:
                 self.raw_probs = torch.zeros(len(self.token), probs.shape[-1], device=probs.device)
             self.raw_probs[rows[need]] = probs[need]
+            self.next_trial[rows[need]] = 0  # their next pass runs the trials
         ends = torch.zeros_like(self.steerable)
         ends[rows[~need]] = True
         return ends
-
-    def _enter_trials(self, rows: torch.Tensor, ends: torch.Tensor) -> None:
-        """Rows among ``rows`` whose step does not end at the raw pass run trials next."""
-        self.next_trial[rows[~ends[rows]]] = 0
 
     def _emit(self, rows: torch.Tensor) -> torch.Tensor:
         """Record the finished steps of ``rows`` and feed their tokens back. Returns ``[N]`` bool, the

@@ -63,6 +63,7 @@ def ray_head(tmp_path_factory):
         head.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+    log.close()
 
 
 def test_submit_generate_and_wait(ray_head, tmp_path):

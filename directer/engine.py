@@ -12,8 +12,10 @@ Every row runs the algorithm of the paper independently (see DESIGN §1):
 
 Trials read the cache as it was before the raw pass and never write to it. Rows advance
 independently: each forward is one packed pass in which every row brings what its step needs next
-(its raw token, or its trials plus a speculative next raw token), so nobody waits for another row's
-trials. Zero-shot is the same loop without steering.
+(its raw token, or its trials plus speculative next raw tokens), so nobody waits for another row's
+trials. A step can only emit a token the unsteered model finds plausible, so the pass that settles a
+step also runs the next step's raw token for each such candidate and keeps the one emitted.
+Zero-shot is the same loop without steering.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from directer.config import SteeringConfig
 from directer.ranking import AttentionCapture, rank_layers, sensitivity
 
 FinishReason = Literal["stop", "length"]
+
+# most candidates run as speculative next raw tokens in a settling pass (the plausible set is
+# rarely larger; a step whose token lies beyond them runs its next raw token in a pass of its own)
+MAX_GUESSES = 3
 
 
 @dataclass
@@ -156,7 +162,7 @@ class _Layout:
     raw_rows: torch.Tensor
     trial_rows: torch.Tensor
     chunk: torch.Tensor | None  # trials each trial row runs in this pass
-    speculates: torch.Tensor | None  # trial rows whose pass settles the step also run their next raw token
+    guesses: torch.Tensor | None  # speculative next raw tokens of each trial row (0 unless the pass settles)
     sizes: torch.Tensor | None  # [R, W] layer-set size of each trial cell
     starts: torch.Tensor
     tokens: torch.Tensor
@@ -166,8 +172,8 @@ class _Layout:
 
 # per-row decoding state, one entry per active cache row (compacted together when rows finish)
 _ROW_STATE = (
-    "order", "token", "emitted", "steerable", "next_trial", "rank_of", "raw_probs",
-    "raw_token", "top1", "top2", "gate_skipped", "trials", "layers", "out_token",
+    "order", "token", "emitted", "steerable", "next_trial", "rank_of", "raw_probs", "candidates",
+    "plausible", "raw_token", "top1", "top2", "gate_skipped", "trials", "layers", "out_token",
 )  # fmt: skip
 
 
@@ -187,9 +193,10 @@ class _Decoding:
         for row, request in enumerate(requests):
             ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids, device=device)
             span[row, [width - len(request.prompt_ids) + p for p in request.span]] = True
-        self.cache = KVCache(width - lengths, span, width + config.max_new_tokens)
-        self.prompt = ids
         self.sizes = trial_sizes(engine.num_layers, config.max_trials)
+        tokens_per_row = max(engine.num_layers, len(self.sizes) + MAX_GUESSES) if config.steers else 0
+        self.cache = KVCache(width - lengths, span, width + config.max_new_tokens, tokens_per_row, config.alpha)
+        self.prompt = ids
         self.rankings: list[list[int] | None] = [
             list(r.ranking) if r.ranking is not None and r.span else None for r in requests
         ]
@@ -207,6 +214,8 @@ class _Decoding:
         self.next_trial = zeros() - 1  # index into ``sizes`` of the row's next trial; -1: next pass is raw
         self.rank_of = torch.zeros(count, engine.num_layers, dtype=torch.long, device=device)  # layer -> rank
         self.raw_probs = torch.zeros(count, 0, device=device)  # [N, vocab] once some row runs trials
+        self.candidates = torch.zeros(count, MAX_GUESSES, dtype=torch.long, device=device)  # most probable first
+        self.plausible = zeros()  # how many of ``candidates`` the step could emit (p > beta * top-1)
         # the current step of each row: its raw pass, then its trials
         self.raw_token, self.top1, self.top2 = zeros(), zeros(torch.float32), zeros(torch.float32)
         self.gate_skipped = zeros(torch.bool)
@@ -241,33 +250,34 @@ class _Decoding:
         ends = self._raw_step(layout.raw_rows, logits[layout.starts[layout.raw_rows]], first)
         if probe_rows is not None:
             self._rank(probe_rows, capture)
-        confirmed = speculative_logits = None
+        confirmed = None
         if layout.chunk is not None:
-            confirmed, speculative_logits = self._settle_trials(layout, logits, ends)
+            confirmed, guessed = self._settle_trials(layout, logits, ends)
         done = self._emit(ends.nonzero().squeeze(1))
         if confirmed is not None and confirmed.numel():
             live = ~done[confirmed]
-            confirmed, speculative_logits = confirmed[live], speculative_logits[live]
-            again = self._raw_step(confirmed, speculative_logits, first=False)
+            confirmed, guessed = confirmed[live], guessed[live]
+            self._keep_guesses(layout.fp, confirmed, guessed)
+            again = self._raw_step(confirmed, logits[guessed], first=False)
             done |= self._emit(again.nonzero().squeeze(1))
         if bool(done.any()):
             self._drop((~done).nonzero().squeeze(1))
 
     def _layout(self) -> _Layout:
         """The packed tokens of one pass: one raw token for each row starting a step; for each row whose
-        step passed the gate, its trial variants and, when they settle the step, its next raw token
-        speculatively fed the unsteered top-1 (what the step emits unless steering changes it)."""
+        step passed the gate, its trial variants and, when they settle the step, its next raw token for
+        every token the step could emit (speculative: their keys and values are stashed, not written)."""
         engine, cache = self.engine, self.cache
         device = self.token.device
         raw = self.next_trial < 0
         raw_rows, trial_rows = raw.nonzero().squeeze(1), (~raw).nonzero().squeeze(1)
         counts = torch.ones_like(self.token)
-        chunk = speculates = sizes = steer = None
+        chunk = guesses = sizes = steer = stash = None
         if trial_rows.numel():
             remaining = len(self.sizes) - self.next_trial[trial_rows]
             chunk = engine.trial_chunk(self.config, remaining)
-            speculates = chunk == remaining
-            counts[trial_rows] = chunk + speculates.long()
+            guesses = torch.where(chunk == remaining, self.plausible[trial_rows], 0)
+            counts[trial_rows] = chunk + guesses
         width = int(counts.max())
         cells = torch.arange(width, device=device)[None, :]
         valid = cells < counts[:, None]  # [N, W]: row r's tokens in cells 0..counts[r]-1
@@ -275,12 +285,13 @@ class _Decoding:
         slots = cache.lengths[:, None].expand(-1, width).clone()  # raw tokens go to the next free slot
         write = raw[:, None] & (cells == 0)
         if chunk is not None:
-            # trial cells 0..chunk-1 hold the step's token at its slot; cell chunk, the speculative token
+            # trial cells 0..chunk-1 hold the step's token at its slot; cells chunk.., the guesses
             variant = cells < chunk[:, None]
             slots[trial_rows] -= variant.long()
-            speculative = (cells == chunk[:, None]) & speculates[:, None]
-            tokens[trial_rows] = torch.where(speculative, self.raw_token[trial_rows, None], tokens[trial_rows])
-            write[trial_rows] = speculative
+            guess = (cells - chunk[:, None]).clamp(0, MAX_GUESSES - 1)
+            tokens[trial_rows] = torch.where(variant, tokens[trial_rows], self.candidates[trial_rows].gather(1, guess))
+            stash = torch.zeros_like(write)
+            stash[trial_rows] = ~variant
             tried = (self.next_trial[trial_rows, None] + cells).clamp(max=len(self.sizes) - 1)
             sizes = torch.tensor(self.sizes, device=device)[tried]  # [R, W]: layers each variant steers
             steer = torch.zeros(len(counts), width, engine.num_layers, dtype=torch.bool, device=device)
@@ -288,10 +299,10 @@ class _Decoding:
         packed_slots = slots[valid]
         fp = ForwardPass(
             cache, variants=width if bool(valid.all()) else counts, slots=packed_slots, write=write[valid],
-            steer=steer, alpha=self.config.alpha,
+            stash=None if stash is None else stash[valid], steer=steer,
         )  # fmt: skip
         return _Layout(
-            raw_rows=raw_rows, trial_rows=trial_rows, chunk=chunk, speculates=speculates, sizes=sizes,
+            raw_rows=raw_rows, trial_rows=trial_rows, chunk=chunk, guesses=guesses, sizes=sizes,
             starts=torch.cumsum(counts, 0) - counts, tokens=tokens[valid],
             positions=packed_slots - cache.pad.repeat_interleave(counts), fp=fp,
         )  # fmt: skip
@@ -300,8 +311,8 @@ class _Decoding:
         self, layout: _Layout, logits: torch.Tensor, ends: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Trial rows keep their first accepted variant; rows out of trials fall back to the unsteered
-        token. Marks settled steps in ``ends``; returns the rows whose speculative token was the right
-        input (the step emitted the unsteered top-1) and that token's logits."""
+        token. Marks settled steps in ``ends``; returns the rows that guessed the token their step
+        emitted, and the packed index of that guess."""
         rows, chunk, sizes = layout.trial_rows, layout.chunk, layout.sizes
         cells = torch.arange(sizes.shape[1], device=rows.device)[None, :]
         variant_cells = torch.minimum(cells, chunk[:, None] - 1)
@@ -317,8 +328,17 @@ class _Decoding:
         settled = won | (self.next_trial[rows] >= len(self.sizes))
         self.next_trial[rows[settled]] = -1
         ends[rows[settled]] = True
-        right = layout.speculates & (self.out_token[rows] == self.raw_token[rows])
-        return rows[right], logits[layout.starts[rows[right]] + chunk[right]]
+        guessed = self.candidates[rows] == self.out_token[rows, None]
+        guessed &= torch.arange(MAX_GUESSES, device=rows.device)[None, :] < layout.guesses[:, None]
+        right = guessed.any(dim=1)
+        return rows[right], layout.starts[rows[right]] + chunk[right] + guessed[right].int().argmax(dim=1)
+
+    def _keep_guesses(self, fp: ForwardPass, rows: torch.Tensor, packed: torch.Tensor) -> None:
+        """Write the stashed keys and values of the right guesses (packed indices) to their rows' next slot."""
+        stashed = torch.cumsum(fp.stash.long(), 0) - 1  # packed index -> stash index
+        index, slots = stashed[packed], self.cache.lengths[rows]
+        for layer, (keys, values) in fp.stashed.items():
+            self.cache.write_tokens(layer, rows, slots, keys[index], values[index])
 
     def _raw_step(self, rows: torch.Tensor, logits: torch.Tensor, first: bool) -> torch.Tensor:
         """The raw results of ``rows`` (their token now sits in the cache): unsteered top-1/top-2, the
@@ -326,7 +346,7 @@ class _Decoding:
         whose step ends here."""
         self.cache.lengths[rows] += 1
         probs = torch.softmax(logits, dim=-1)
-        top = probs.topk(2, dim=-1)
+        top = probs.topk(max(2, MAX_GUESSES), dim=-1)
         self.raw_token[rows], self.out_token[rows] = top.indices[:, 0], top.indices[:, 0]
         self.top1[rows], self.top2[rows] = top.values[:, 0], top.values[:, 1]
         self.trials[rows], self.layers[rows] = 0, 0
@@ -338,6 +358,9 @@ class _Decoding:
             if self.raw_probs.shape[1] == 0:
                 self.raw_probs = torch.zeros(len(self.token), probs.shape[-1], device=probs.device)
             self.raw_probs[rows[need]] = probs[need]
+            self.candidates[rows[need]] = top.indices[need, :MAX_GUESSES]
+            plausible = top.values[need, :MAX_GUESSES] > self.config.beta * top.values[need, :1]
+            self.plausible[rows[need]] = plausible.sum(dim=1)
             self.next_trial[rows[need]] = 0  # their next pass runs the trials
         ends = torch.zeros_like(self.steerable)
         ends[rows[~need]] = True
@@ -387,7 +410,7 @@ class _Decoding:
         slots = (self.cache.lengths[rows] - 1).repeat_interleave(num_layers)
         probe = ForwardPass(
             self.cache, rows=None if len(rows) == len(self.token) else rows, variants=num_layers, slots=slots,
-            steer=steer, alpha=self.config.alpha,
+            steer=steer,
         )  # fmt: skip
         capture = AttentionCapture()
         with capture.recording(engine.model):
@@ -398,7 +421,14 @@ class _Decoding:
         probe_pre, probe_post = (
             [t.view(len(rows), num_layers, t.shape[-1]) for t in captured] for captured in (capture.pre, capture.post)
         )
-        order = rank_layers(sensitivity(raw_pre, raw_post, probe_pre, probe_post))
+        scores = sensitivity(raw_pre, raw_post, probe_pre, probe_post)
+        # a probe whose scaled keys all lie outside its layer's sliding window computes exactly the raw
+        # pass: give it exactly the raw pass's score, so such layers tie as they do in the reference
+        unsteered = sensitivity(raw_pre, raw_post, raw_pre, raw_post)
+        missed = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+        reached = torch.stack([probe.reaches[layer][:, layer] if layer in probe.reaches else missed
+                               for layer in range(num_layers)], dim=1)  # fmt: skip
+        order = rank_layers(torch.where(reached, scores, unsteered))
         self.rank_of[rows] = torch.argsort(order, dim=-1)
         for row, ranking in zip(rows.tolist(), order.tolist()):
             self.rankings[row] = ranking

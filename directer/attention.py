@@ -104,7 +104,8 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[N, kv_heads, length + P (+ S), dim]`` of the pass rows: their first ``length``
         slots, then the own key of each of their ``P`` grid cells, then (``steered``) the scaled
-        instruction keys. Written in place to the scratch slots when the pass has every row."""
+        instruction keys. Written in place to the scratch slots for a decoding pass (every row); the
+        ranking probes (``rows`` given, one token per layer in a row) gather theirs."""
         parts, value_parts = [own_key], [own_value]
         if steered:
             span_keys, span_values = self._scaled_span(layer)

@@ -194,7 +194,7 @@ class _Decoding:
             ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids, device=device)
             span[row, [width - len(request.prompt_ids) + p for p in request.span]] = True
         self.sizes = trial_sizes(engine.num_layers, config.max_trials)
-        tokens_per_row = max(engine.num_layers, len(self.sizes) + MAX_GUESSES) if config.steers else 0
+        tokens_per_row = len(self.sizes) + MAX_GUESSES if config.steers else 0  # probes gather their rows instead
         self.cache = KVCache(width - lengths, span, width + config.max_new_tokens, tokens_per_row, config.alpha)
         self.prompt = ids
         self.rankings: list[list[int] | None] = [
@@ -409,7 +409,7 @@ class _Decoding:
         # the raw pass has written the token's slot; each probe reads the slots before it
         slots = (self.cache.lengths[rows] - 1).repeat_interleave(num_layers)
         probe = ForwardPass(
-            self.cache, rows=None if len(rows) == len(self.token) else rows, variants=num_layers, slots=slots,
+            self.cache, rows=rows, variants=num_layers, slots=slots,
             steer=steer,
         )  # fmt: skip
         capture = AttentionCapture()

@@ -34,8 +34,9 @@ from directer.ranking import AttentionCapture, rank_layers, sensitivity
 
 FinishReason = Literal["stop", "length"]
 
-# most candidates run as speculative next raw tokens in a settling pass (the plausible set is
-# rarely larger; a step whose token lies beyond them runs its next raw token in a pass of its own)
+# most plausible tokens guessed as the next raw token in a settling pass: the emitted token was among
+# the first 3 in 98.5% of settled steps on IFEval (BENCHMARKS.md); beyond them, the next raw token
+# runs in a pass of its own
 MAX_GUESSES = 3
 
 

@@ -251,7 +251,7 @@ class _Decoding:
         ends = self._raw_step(layout.raw_rows, logits[layout.starts[layout.raw_rows]], first)
         if probe_rows is not None:
             self._rank(probe_rows, capture)
-        confirmed = None
+        confirmed = guessed = None
         if layout.chunk is not None:
             confirmed, guessed = self._settle_trials(layout, logits, ends)
         done = self._emit(ends.nonzero().squeeze(1))
@@ -409,10 +409,7 @@ class _Decoding:
         steer = torch.eye(num_layers, dtype=torch.bool, device=rows.device).expand(len(rows), -1, -1)
         # the raw pass has written the token's slot; each probe reads the slots before it
         slots = (self.cache.lengths[rows] - 1).repeat_interleave(num_layers)
-        probe = ForwardPass(
-            self.cache, rows=rows, variants=num_layers, slots=slots,
-            steer=steer,
-        )  # fmt: skip
+        probe = ForwardPass(self.cache, rows=rows, variants=num_layers, slots=slots, steer=steer)
         capture = AttentionCapture()
         with capture.recording(engine.model):
             positions = slots - self.cache.pad[rows].repeat_interleave(num_layers)
@@ -423,8 +420,9 @@ class _Decoding:
             [t.view(len(rows), num_layers, t.shape[-1]) for t in captured] for captured in (capture.pre, capture.post)
         )
         scores = sensitivity(raw_pre, raw_post, probe_pre, probe_post)
-        # a probe whose scaled keys all lie outside its layer's sliding window computes exactly the raw
-        # pass: give it exactly the raw pass's score, so such layers tie as they do in the reference
+        # a probe that sees none of the scaled keys in its layer (all outside a sliding window, or the span
+        # is the current token alone) computes exactly the raw pass: give it exactly the raw pass's score,
+        # so such layers tie as they do in the reference, whatever the rounding of the batched products
         unsteered = sensitivity(raw_pre, raw_post, raw_pre, raw_post)
         missed = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
         reached = torch.stack([probe.reaches[layer][:, layer] if layer in probe.reaches else missed

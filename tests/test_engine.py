@@ -140,6 +140,17 @@ def test_settling_pass_runs_the_next_raw_token_of_every_plausible_token(monkeypa
     assert changed > 0, "the test prompts should fold steps whose steered token differs from the unsteered one"
 
 
+def test_probes_that_see_no_scaled_key_tie_in_layer_order(arch_model):
+    """A span that is only the prompt's last token is the first step's own token, which no probe scales:
+    every probe computes the raw pass, all layers tie, and the ranking is the layer order, as in the
+    reference (however the batched products round)."""
+    _, model = arch_model
+    request = Request(list(range(3, 20)), [16])
+    (generation,) = Engine(model, [1], 0).generate([request], SteeringConfig(max_new_tokens=MAX_NEW))
+    assert generation.ranking == list(range(model.config.num_hidden_layers))
+    assert_matches(generation, oracle(model, request))
+
+
 def test_given_ranking_skips_probes_and_keeps_tokens():
     model = tiny_model("qwen3", seed=2)
     engine = Engine(model, [1], 0)

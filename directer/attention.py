@@ -55,7 +55,7 @@ class KVCache:
         # the instruction keys of each row, gathered: [B, S] slots (valid where ``span_valid``), and per
         # layer their keys times alpha and their values, [B, kv_heads, S, dim], taken on the first
         # steered pass (the prompt's last token is written by the first raw pass, not the prefill)
-        width = int(span.sum(dim=1).max()) if span.numel() else 0
+        width = int(span.sum(dim=1).max())
         slot_ids = torch.arange(span.shape[1], device=span.device).expand_as(span)
         self.span_slots = torch.where(span, slot_ids, span.shape[1]).sort(dim=1).values[:, :width]
         self.span_valid = self.span_slots < span.shape[1]
@@ -221,8 +221,12 @@ class ForwardPass:
 
     def _grid_slots(self) -> torch.Tensor:
         """``[N, P]`` slot of each grid cell."""
-        width, gather, _ = self.layout()
-        return (self.slots if gather is None else self.slots[gather]).view(-1, width)
+
+        def make():
+            width, gather, _ = self.layout()
+            return (self.slots if gather is None else self.slots[gather]).view(-1, width)
+
+        return self._once("grid_slots", make)
 
     def mask(self, layer: int, sliding_window: int | None) -> torch.Tensor:
         """``[N, 1, P, length + 1 + P (+ S)]`` bool over the keys of :meth:`KVCache.with_scratch`: each
@@ -231,37 +235,35 @@ class ForwardPass:
         base = self._once(("visible", sliding_window), lambda: self._visible(sliding_window))
         if not self.steers(layer):
             return base
-        steered = self.steer[:, :, layer]
-        span_slots, span_valid = self._pass_rows(self.cache.span_slots), self._pass_rows(self.cache.span_valid)
-        slots = self._grid_slots()
-        span_seen = span_valid[:, None, :] & steered[:, :, None] & (span_slots[:, None, :] < slots[:, :, None])
-        if sliding_window is not None:
-            span_seen = span_seen & (span_slots[:, None, :] > slots[:, :, None] - sliding_window)
+        steered = self.steer[:, :, layer, None]
+        span_seen = self._once(("span_seen", sliding_window), lambda: self._span_seen(sliding_window)) & steered
         self.reaches[layer] = span_seen.any(dim=-1)
         hidden = torch.zeros_like(base[:, 0])
-        hidden[..., : self.length] = self.span()[:, None, :] & steered[:, :, None]
+        hidden[..., : self.length] = self.span()[:, None, :] & steered
         return torch.cat([base[:, 0] & ~hidden, span_seen], dim=-1)[:, None]
 
     def _visible(self, sliding_window: int | None) -> torch.Tensor:
         """``[N, 1, P, length + 1 + P]``: the cached slots each token reads, then its own key."""
         pad = self._pass_rows(self.cache.pad)
-        slots = self._grid_slots()[:, :, None]
+        slots = self._grid_slots()
         slot_ids = torch.arange(self.length + 1, device=pad.device)
-        visible = (slot_ids >= pad[:, None, None]) & (slot_ids < slots)
-        if sliding_window is not None:  # HF's window keeps keys at distance < window from the query
-            visible = visible & (slot_ids > slots - sliding_window)
-        width = slots.shape[1]
-        own = torch.eye(width, dtype=torch.bool, device=pad.device).expand(len(pad), -1, -1)
+        visible = _readable(slot_ids, pad[:, None, None], slots[:, :, None], sliding_window)
+        own = torch.eye(slots.shape[1], dtype=torch.bool, device=pad.device).expand(len(pad), -1, -1)
         return torch.cat([visible, own], dim=-1)[:, None]
+
+    def _span_seen(self, sliding_window: int | None) -> torch.Tensor:
+        """``[N, P, S]``: the instruction keys each token would read (a steered token reads their scaled copies)."""
+        pad, valid = self._pass_rows(self.cache.pad), self._pass_rows(self.cache.span_valid)
+        span_slots, slots = self._pass_rows(self.cache.span_slots)[:, None, :], self._grid_slots()[:, :, None]
+        return valid[:, None, :] & _readable(span_slots, pad[:, None, None], slots, sliding_window)
 
     def raw_mask(self, sliding_window: int | None) -> torch.Tensor:
         """``[N, 1, 1, length + 1]`` bool for :attr:`raw_only` passes: slots from the padding to the token's own."""
 
         def make():
             slot_ids = torch.arange(self.length + 1, device=self.slots.device)
-            visible = (slot_ids >= self.cache.pad[:, None]) & (slot_ids <= self.slots[:, None])
-            if sliding_window is not None:
-                visible = visible & (slot_ids > self.slots[:, None] - sliding_window)
+            slots = self.slots[:, None]
+            visible = _readable(slot_ids, self.cache.pad[:, None], slots, sliding_window) | (slot_ids == slots)
             return visible[:, None, None, :]
 
         return self._once(("raw_mask", sliding_window), make)
@@ -269,6 +271,17 @@ class ForwardPass:
     def span(self) -> torch.Tensor:
         """``[N, length]`` bool: which of the readable slots hold instruction tokens."""
         return self._once("span", lambda: self._pass_rows(self.cache.span)[:, : self.length])
+
+
+def _readable(
+    slot_ids: torch.Tensor, pad: torch.Tensor, slots: torch.Tensor, sliding_window: int | None
+) -> torch.Tensor:
+    """Bool, broadcast: which cached ``slot_ids`` a token at ``slots`` reads: from its row's padding to
+    before its own slot, and within the sliding window if the layer has one."""
+    visible = (slot_ids >= pad) & (slot_ids < slots)
+    if sliding_window is not None:  # HF's window keeps keys at distance < window from the query
+        visible = visible & (slot_ids > slots - sliding_window)
+    return visible
 
 
 def directer_attention(

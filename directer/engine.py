@@ -424,9 +424,7 @@ class _Decoding:
         # is the current token alone) computes exactly the raw pass: give it exactly the raw pass's score,
         # so such layers tie as they do in the reference, whatever the rounding of the batched products
         unsteered = sensitivity(raw_pre, raw_post, raw_pre, raw_post)
-        missed = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
-        reached = torch.stack([probe.reaches[layer][:, layer] if layer in probe.reaches else missed
-                               for layer in range(num_layers)], dim=1)  # fmt: skip
+        reached = torch.stack([probe.reaches[layer][:, layer] for layer in range(num_layers)], dim=1)
         order = rank_layers(torch.where(reached, scores, unsteered))
         self.rank_of[rows] = torch.argsort(order, dim=-1)
         for row, ranking in zip(rows.tolist(), order.tolist()):

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 
 from directer.attention import ForwardPass, KVCache, engine_attention
 from directer.config import SteeringConfig
+from directer.linears import column_linears
 from directer.ranking import AttentionCapture, rank_layers, sensitivity
 
 FinishReason = Literal["stop", "length"]
@@ -132,7 +133,7 @@ class Engine:
                 raise ValueError(f"request {index}: empty prompt")
             if any(not 0 <= p < len(request.prompt_ids) for p in request.span):
                 raise ValueError(f"request {index}: span positions must lie in [0, {len(request.prompt_ids)})")
-        with torch.inference_mode(), engine_attention(self.model):
+        with torch.inference_mode(), engine_attention(self.model), column_linears(self.model):
             return _Decoding(self, requests, config).run()
 
     def trial_chunk(self, config: SteeringConfig, remaining: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,38 @@
+"""The column product the engine's linear layers take on a CPU: same values as ``F.linear``, and the
+model's layers are back to their own forward afterwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from directer.linears import MAX_COLUMN_TOKENS, column_linears, column_product
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8, 9, 15, 16, 17, MAX_COLUMN_TOKENS, MAX_COLUMN_TOKENS + 1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_column_product_equals_linear(tokens, bias):
+    torch.manual_seed(tokens)
+    linear = torch.nn.Linear(96, 40, bias=bias)
+    x = torch.randn(1, tokens, 96)
+    out = column_product(linear, x)
+    assert out.shape == (1, tokens, 40)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_column_linears_routes_every_linear_and_restores_them():
+    model = tiny_model("llama")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ids = torch.tensor([[5, 9, 17, 3]])
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        with column_linears(model):
+            assert all(linear.forward.func is column_product for linear in linears)
+            during = model(input_ids=ids).logits
+        assert all("forward" not in vars(linear) for linear in linears)
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(during, before, rtol=1e-4, atol=1e-4)
+    assert torch.equal(after, before)

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 from directer.attention import ForwardPass, KVCache, engine_attention
 from directer.config import SteeringConfig
 from directer.linears import column_linears
-from directer.ranking import AttentionCapture, rank_layers, sensitivity
+from directer.ranking import AttentionCapture, Sensitivity, rank_layers
 
 FinishReason = Literal["stop", "length"]
 
@@ -411,22 +411,19 @@ class _Decoding:
         # the raw pass has written the token's slot; each probe reads the slots before it
         slots = (self.cache.lengths[rows] - 1).repeat_interleave(num_layers)
         probe = ForwardPass(self.cache, rows=rows, variants=num_layers, slots=slots, steer=steer)
-        capture = AttentionCapture()
-        with capture.recording(engine.model):
+        raw_pre, raw_post = ([t[0, rows, None] for t in captured] for captured in (raw.pre, raw.post))
+        probes = Sensitivity(raw_pre, raw_post)
+        with AttentionCapture(on_layer=probes.add).recording(engine.model):
             positions = slots - self.cache.pad[rows].repeat_interleave(num_layers)
             engine.forward(self.token[rows].repeat_interleave(num_layers), positions, probe, logits=False)
-        # packed captures [1, T, hidden] -> raw [R, 1, hidden], probes [R, L, hidden]
-        raw_pre, raw_post = ([t[0, rows, None] for t in captured] for captured in (raw.pre, raw.post))
-        probe_pre, probe_post = (
-            [t.view(len(rows), num_layers, t.shape[-1]) for t in captured] for captured in (capture.pre, capture.post)
-        )
-        scores = sensitivity(raw_pre, raw_post, probe_pre, probe_post)
         # a probe that sees none of the scaled keys in its layer (all outside a sliding window, or the span
         # is the current token alone) computes exactly the raw pass: give it exactly the raw pass's score,
         # so such layers tie as they do in the reference, whatever the rounding of the batched products
-        unsteered = sensitivity(raw_pre, raw_post, raw_pre, raw_post)
+        unsteered = Sensitivity(raw_pre, raw_post)
+        for layer in range(num_layers):
+            unsteered.add(layer, raw_pre[layer], raw_post[layer])
         reached = torch.stack([probe.reaches[layer][:, layer] for layer in range(num_layers)], dim=1)
-        order = rank_layers(torch.where(reached, scores, unsteered))
+        order = rank_layers(torch.where(reached, probes.scores(), unsteered.scores()))
         self.rank_of[rows] = torch.argsort(order, dim=-1)
         for row, ranking in zip(rows.tolist(), order.tolist()):
             self.rankings[row] = ranking

@@ -14,7 +14,7 @@ every ``l`` and does not change the order.)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,12 @@ def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
 
 
 class AttentionCapture:
-    """Records each attention block's input and output during one forward."""
+    """Records each attention block's input and output during one forward; with ``on_layer``, hands
+    them to it as each block finishes and keeps only the inputs until then (the ranking probes of a
+    batch would otherwise hold ``2 × layers`` hidden states per probe at once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        self.on_layer = on_layer
         self.pre: list[torch.Tensor | None] = []
         self.post: list[torch.Tensor | None] = []
 
@@ -57,28 +60,45 @@ class AttentionCapture:
 
     def _post_hook(self, index: int):
         def hook(module, args, output):
-            self.post[index] = output[0] if isinstance(output, tuple) else output
+            post = output[0] if isinstance(output, tuple) else output
+            if self.on_layer is None:
+                self.post[index] = post
+            else:
+                self.on_layer(index, self.pre[index], post)
+                self.pre[index] = None
 
         return hook
 
 
-def sensitivity(
-    raw_pre: list[torch.Tensor],
-    raw_post: list[torch.Tensor],
-    probe_pre: list[torch.Tensor],
-    probe_post: list[torch.Tensor],
+def disturbance(
+    pre: torch.Tensor, post: torch.Tensor, steered_pre: torch.Tensor, steered_post: torch.Tensor
 ) -> torch.Tensor:
-    """Sensitivity of each probed layer, accumulated layer by layer (no stacked copies).
+    """``D_j`` at one layer: raw ``pre``/``post`` ``[N, 1, H]`` (one raw token per row) against the probes'
+    ``[N, P, H]``. Returns ``[N, P]``."""
+    direct = 1.0 - F.cosine_similarity(pre.float(), steered_post.float(), dim=-1)
+    propagated = 1.0 - F.cosine_similarity(post.float(), steered_pre.float(), dim=-1)
+    return (direct + propagated).clamp(min=0.0)
 
-    raw_*: per layer ``[N, 1, H]`` (one raw token per row); probe_*: per layer ``[N, P, H]`` (probe
-    ``p`` steers layer ``p``). Returns ``[N, P]``.
+
+class Sensitivity:
+    """``Sensitivity(l) = mean_j D_j(l)``, summed layer by layer as the probes' forward reaches each
+    layer ``j`` (pass :meth:`add` as an :class:`AttentionCapture`'s ``on_layer``).
+
+    raw_*: per layer ``[N, 1, H]``; probes: ``P`` per row, packed row after row (probe ``p`` steers layer ``p``).
     """
-    total = torch.zeros(())
-    for pre, post, steered_pre, steered_post in zip(raw_pre, raw_post, probe_pre, probe_post):
-        direct = 1.0 - F.cosine_similarity(pre.float(), steered_post.float(), dim=-1)
-        propagated = 1.0 - F.cosine_similarity(post.float(), steered_pre.float(), dim=-1)
-        total = total + (direct + propagated).clamp(min=0.0)
-    return total / len(raw_pre)
+
+    def __init__(self, raw_pre: list[torch.Tensor], raw_post: list[torch.Tensor]) -> None:
+        self.raw_pre, self.raw_post = raw_pre, raw_post
+        self.total = torch.zeros(())
+
+    def add(self, layer: int, pre: torch.Tensor, post: torch.Tensor) -> None:
+        rows = len(self.raw_pre[layer])
+        steered_pre, steered_post = pre.reshape(rows, -1, pre.shape[-1]), post.reshape(rows, -1, post.shape[-1])
+        self.total = self.total + disturbance(self.raw_pre[layer], self.raw_post[layer], steered_pre, steered_post)
+
+    def scores(self) -> torch.Tensor:
+        """``[N, P]``."""
+        return self.total / len(self.raw_pre)
 
 
 def rank_layers(scores: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,13 @@ On the same IFEval prompts (gold spans, chat template): ``transformers``' ``mode
 (greedy, its default attention), the engine zero-shot, the engine with Directer, the plain
 per-prompt reference implementation (the tests' oracle; like the official implementation, it copies
 the whole KV cache for every steered pass), and the Ray pipeline with one actor. Batch-size-1
-figures use the first ``b1_prompts`` prompts (the reference is slow); the others use all.
+figures use the first ``b1_prompts`` prompts (the reference is slow), every method on one prompt
+after another; the others use all.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -106,6 +108,25 @@ def measure(device: torch.device, run: Callable[[], int]) -> Measurement:
     return Measurement(tokens, seconds, memory.peak)
 
 
+def _interleaved(
+    device: torch.device, methods: dict[str, Callable[[list], int]], batch: list, size: int
+) -> dict[str, Measurement]:
+    """Every method on one batch of ``size`` prompts after another, batch after batch, the order rotating:
+    slow spells of a shared machine fall on all methods alike."""
+    totals = {name: Measurement(0, 0.0, 0) for name in methods}
+    names = list(methods)
+    for index, start in enumerate(range(0, len(batch), size)):
+        chunk = batch[start : start + size]
+        turn = index % len(names)
+        for name in names[turn:] + names[:turn]:
+            m = measure(device, functools.partial(methods[name], chunk))
+            total = totals[name]
+            totals[name] = Measurement(
+                total.tokens + m.tokens, total.seconds + m.seconds, max(total.peak_bytes, m.peak_bytes)
+            )
+    return totals
+
+
 def run_benchmark(
     prompts: int = 16,
     batch_sizes: tuple[int, ...] = (1, 16),
@@ -160,22 +181,21 @@ def run_benchmark(
 
     with torch.inference_mode():
         engine(built[:2], 2, directer)  # warm-up
-        runs: list[tuple[str, Callable[[], int]]] = []
         for size in batch_sizes:
             batch = built[:b1_prompts] if size == 1 else built
-            runs += [
-                (f"hf_b{size}", lambda b=batch, s=size: hf_generate(b, s)),
-                (f"zero_shot_b{size}", lambda b=batch, s=size: engine(b, s, zero_shot)),
-                (f"directer_b{size}", lambda b=batch, s=size: engine(b, s, directer)),
-            ]
-        runs.append(("plain_b1", lambda: reference(built[:b1_prompts])))
-        for name, run in runs:
-            m = measure(loaded.device, run)
-            result.measurements[name] = {
-                "tokens": m.tokens, "seconds": m.seconds, "tokens_per_second": m.tokens_per_second,
-                "peak_bytes": m.peak_bytes,
-            }  # fmt: skip
-            log(f"{name:>16}: {m.tokens_per_second:8.1f} tokens/s ({m.tokens} tokens in {m.seconds:.1f}s)")
+            methods: dict[str, Callable[[list], int]] = {
+                f"hf_b{size}": lambda chunk, s=size: hf_generate(chunk, s),
+                f"zero_shot_b{size}": lambda chunk, s=size: engine(chunk, s, zero_shot),
+                f"directer_b{size}": lambda chunk, s=size: engine(chunk, s, directer),
+            }
+            if size == 1:
+                methods["plain_b1"] = reference
+            for name, m in _interleaved(loaded.device, methods, batch, size).items():
+                result.measurements[name] = {
+                    "tokens": m.tokens, "seconds": m.seconds, "tokens_per_second": m.tokens_per_second,
+                    "peak_bytes": m.peak_bytes,
+                }  # fmt: skip
+                log(f"{name:>16}: {m.tokens_per_second:8.1f} tokens/s ({m.tokens} tokens in {m.seconds:.1f}s)")
     largest = max(batch_sizes)
     if pipeline:
         result.pipeline = _pipeline(built, load_ifeval(limit=prompts), directer, model, largest, device, dtype)

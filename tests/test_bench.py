@@ -1,0 +1,35 @@
+"""``directer bench --json`` as a user types it, cut down to a few prompts and tokens."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RATIO_KEYS = {
+    "zero_shot_vs_hf_b1", "zero_shot_vs_hf_b16", "directer_vs_zero_shot_b1", "directer_vs_zero_shot_b16",
+    "directer_b1_vs_plain_b1", "directer_b16_vs_plain_b1", "memory_directer_vs_zero_shot", "pipeline_vs_engine_b16",
+}  # fmt: skip
+
+
+def test_bench_json_has_every_ratio_and_the_same_tokens_per_method():
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "bench", "--prompts", "3", "--b1-prompts", "2", "--max-new-tokens", "6",
+         "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert set(payload["ratios"]) == RATIO_KEYS
+    assert all(value > 0 for value in payload["ratios"].values())
+    measured = payload["measurements"]
+    assert set(measured) == {f"{m}_b{s}" for m in ("hf", "zero_shot", "directer") for s in (1, 16)} | {"plain_b1"}
+    # greedy everywhere: generate and the zero-shot engine emit the same tokens, so the same count
+    assert measured["hf_b1"]["tokens"] == measured["zero_shot_b1"]["tokens"]
+    assert measured["hf_b16"]["tokens"] == measured["zero_shot_b16"]["tokens"]
+    assert measured["directer_b1"]["tokens"] == measured["plain_b1"]["tokens"]
+    assert payload["pipeline"]["tokens"] == measured["directer_b16"]["tokens"]
+    assert payload["pipeline"]["startup_seconds"] > 0 and payload["pipeline"]["model_load_seconds"] > 0

@@ -27,17 +27,6 @@ from directer import Directer, SteeringConfig
 from directer.ifeval import load_ifeval
 from directer.reference import reference_generate
 
-RATIO_KEYS = (
-    "zero_shot_vs_hf_b1",
-    "zero_shot_vs_hf_b16",
-    "directer_vs_zero_shot_b1",
-    "directer_vs_zero_shot_b16",
-    "directer_b1_vs_plain_b1",
-    "directer_b16_vs_plain_b1",
-    "memory_directer_vs_zero_shot",
-    "pipeline_vs_engine_b16",
-)
-
 
 @dataclass
 class Measurement:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from directer.linears import MAX_COLUMN_TOKENS, column_linears, column_product
+from directer.linears import MAX_COLUMN_TOKENS, column_linears, column_product, row_blocks
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 3, 8, 9, 15, 16, 17, MAX_COLUMN_TOKENS, MAX_COLUMN_TOKENS + 1])
@@ -21,6 +21,13 @@ def test_column_product_equals_linear(tokens, bias):
     assert out.shape == (1, tokens, 40)
     assert out.is_contiguous()
     torch.testing.assert_close(out, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_one_token_splits_rows_into_equal_blocks_one_per_thread():
+    assert row_blocks(576, 2) == 2
+    assert row_blocks(49152, 6) == 6
+    assert row_blocks(40, 3) == 2  # 3 does not divide 40
+    assert row_blocks(7, 4) == 1  # a prime: one block, F.linear
 
 
 def test_column_linears_routes_every_linear_and_restores_them():

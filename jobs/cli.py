@@ -23,7 +23,15 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="Alias, Hugging Face id, local folder or .gguf file.")]
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Alias (smollm2-135m; smollm2-1.7b-random: random weights, for timing), Hugging Face id, "
+        "local folder or .gguf file.",
+    ),
+]
 AlphaOption = Annotated[float, typer.Option(help="Scale of the instruction tokens' attention keys.")]
 BetaOption = Annotated[
     float, typer.Option(help="Plausibility threshold: keep a steered token only above beta x raw top-1.")

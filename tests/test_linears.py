@@ -30,6 +30,19 @@ def test_one_token_splits_rows_into_equal_blocks_one_per_thread():
     assert row_blocks(7, 4) == 1  # a prime: one block, F.linear
 
 
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_one_token_in_row_blocks_equals_linear(threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        linear = torch.nn.Linear(96, 48, bias=True)
+        x = torch.randn(1, 1, 96)
+        assert row_blocks(48, threads) == threads  # the batched path, whatever this machine's threads
+        torch.testing.assert_close(column_product(linear, x), F.linear(x, linear.weight, linear.bias))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_column_linears_routes_every_linear_and_restores_them():
     model = tiny_model("llama")
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]

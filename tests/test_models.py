@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from directer.models import BUNDLED, ModelNotFoundError, cache_dir, default_device_dtype, load_model
+from directer import Directer
+from directer.models import (
+    BUNDLED,
+    RANDOM,
+    ModelNotFoundError,
+    RandomModel,
+    cache_dir,
+    default_device_dtype,
+    load_model,
+    load_tokenizer,
+)
 
 
 def test_alias_is_converted_once_and_cached(smollm2):
@@ -22,6 +32,28 @@ def test_folder_and_gguf_file_load_the_same_model(smollm2):
     assert torch.equal(from_folder.model.lm_head.weight, smollm2.model.lm_head.weight)
     from_gguf = load_model(str(BUNDLED["smollm2-135m"].gguf_path()))
     assert torch.allclose(from_gguf.model.model.embed_tokens.weight, smollm2.model.model.embed_tokens.weight)
+
+
+def test_random_alias_has_the_published_size_and_the_bundled_tokenizer(smollm2):
+    random = load_model("smollm2-1.7b-random", device="meta")  # sizes only, no memory
+    assert 1.7e9 < sum(p.numel() for p in random.model.parameters()) < 1.72e9
+    assert random.model.config.vocab_size == len(smollm2.tokenizer)
+    assert random.eos_token_ids == smollm2.eos_token_ids
+    assert random.identity == "smollm2-1.7b-random@float32"
+    assert load_tokenizer("smollm2-1.7b-random").vocab == smollm2.tokenizer.vocab
+
+
+def test_random_model_is_seeded_leaves_the_global_generator_alone_and_decodes(smollm2, monkeypatch):
+    sizes = (("hidden_size", 64), ("intermediate_size", 128), ("num_hidden_layers", 2),
+             ("num_attention_heads", 2), ("num_key_value_heads", 1))  # fmt: skip
+    monkeypatch.setitem(RANDOM, "tiny-random", RandomModel("smollm2-135m", sizes))
+    state = torch.random.get_rng_state()
+    first, second = load_model("tiny-random"), load_model("tiny-random")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(first.model.lm_head.weight, second.model.lm_head.weight)
+    completion = Directer(first).generate("Write a haiku. Use no commas.", "Use no commas.", max_new_tokens=5)
+    assert 1 <= len(completion.token_ids) <= 5 and completion.summary.steps == len(completion.token_ids)
+    assert sorted(completion.ranking) == [0, 1]  # ranked and steered: both layers
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,8 @@ BUNDLED: dict[str, BundledModel] = {
 class RandomModel:
     """The bundled model ``base``'s architecture, tokenizer and special tokens at other ``sizes``, with
     random weights (seed 0): a model of a published size for benchmarks where none can be downloaded.
-    Its tokens mean nothing; its speed and memory are those of the real model."""
+    Its tokens mean nothing; a forward costs what the real model's does, and so does its memory (its
+    distributions are flat, so Directer's gate lets nearly every step through to the trials)."""
 
     base: str
     sizes: tuple[tuple[str, int], ...]

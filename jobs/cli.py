@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from directer.config import SteeringConfig
+from jobs.signals import Interrupted, stop_on_signals
 
 app = typer.Typer(
     name="directer",
@@ -44,6 +47,29 @@ DtypeOption = Annotated[
 ]
 TrustOption = Annotated[bool, typer.Option(help="Allow the model's own code from the hub.")]
 SpansOption = Annotated[str, typer.Option(help="When no instruction is given: auto detects one, none steers nothing.")]
+AddressOption = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster to join (GCS host:port); default $RAY_ADDRESS, else an embedded local Ray."),
+]
+ConnectTimeoutOption = Annotated[
+    float, typer.Option(help="Seconds to wait for the cluster at --address to answer.", min=1)
+]
+ActorStartTimeoutOption = Annotated[
+    float,
+    typer.Option(
+        help="Seconds to wait for the model actors to start (placed, model loaded); the default covers an "
+        "autoscaler starting GPU nodes.",
+        min=1,
+    ),
+]
+DashboardOption = Annotated[
+    str | None, typer.Option(help="Ray dashboard address; default $RAY_ADDRESS or http://127.0.0.1:8265.")
+]
+UnreachableOption = Annotated[
+    float,
+    typer.Option(help="Seconds to keep retrying a job server that stopped answering before giving up.", min=1),
+]
+RESUME = "interrupted: the rows written so far are kept; rerun the same command to resume"
 
 
 @app.callback()
@@ -59,8 +85,19 @@ def _quiet_transformers() -> None:
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
     return typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def _interruptible(message: str) -> Iterator[None]:
+    """SIGINT/SIGTERM stop the block within seconds, print ``message`` and exit 128 + the signal."""
+    try:
+        with stop_on_signals(message):
+            yield
+    except Interrupted as stop:
+        console.print(Text(message, style="yellow"), soft_wrap=True)
+        raise typer.Exit(code=stop.exit_code) from None
 
 
 @app.command()
@@ -162,7 +199,9 @@ def generate(
         str | None, typer.Option(help="Folder of cached layer rankings; default OUTPUT/ranking_cache.")
     ] = None,
     spans: SpansOption = "auto",
-    address: Annotated[str | None, typer.Option(help="Ray cluster to join; default an embedded local Ray.")] = None,
+    address: AddressOption = None,
+    connect_timeout: ConnectTimeoutOption = 60.0,
+    actor_start_timeout: ActorStartTimeoutOption = 1800.0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over instead of resuming.")] = False,
     score_nll: Annotated[
         bool, typer.Option("--score-nll", help="Store each completion's mean NLL under the unsteered model.")
@@ -174,6 +213,7 @@ def generate(
 ) -> None:
     """Run Directer over a dataset with a Ray actor pool; one output row per input row, resumable."""
     from directer.models import ModelNotFoundError
+    from pipeline.cluster import ClusterError
     from pipeline.config import GenerateConfig
     from pipeline.export import current_command
     from pipeline.inputs import InputError
@@ -187,12 +227,13 @@ def generate(
             inputs=tuple(inputs), output=output, model=model, steering=steering, actors=actors,
             gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
             ranking_cache=ranking_cache, spans=spans, score_nll=score_nll,
-            address=address, overwrite=overwrite, device=device, dtype=dtype,
-            trust_remote_code=trust_remote_code,
+            address=address, connect_timeout=connect_timeout, actor_start_timeout=actor_start_timeout,
+            overwrite=overwrite, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         )  # fmt: skip
         _quiet_transformers()
-        report = run_generate(config, command=current_command())
-    except (InputError, ModelNotFoundError, ValueError) as error:
+        with _interruptible(RESUME):
+            report = run_generate(config, command=current_command())
+    except (InputError, ModelNotFoundError, ClusterError, ValueError) as error:
         raise _fail(str(error)) from None
     print_report(report)
     if examples:
@@ -214,10 +255,13 @@ def evaluate(
     actors: Annotated[int | None, typer.Option(help="Model copies (Ray actors); default one per GPU, or one.")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows decoded together by one actor.")] = 16,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor.")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster to join; default an embedded local Ray.")] = None,
+    address: AddressOption = None,
+    connect_timeout: ConnectTimeoutOption = 60.0,
+    actor_start_timeout: ActorStartTimeoutOption = 1800.0,
 ) -> None:
     """Generate with each method, score with IFEval's checkers, write scores, summary and reports."""
     from directer.models import ModelNotFoundError
+    from pipeline.cluster import ClusterError
     from pipeline.evaluate import EvalConfig
     from pipeline.evaluate import evaluate as run_evaluation
     from pipeline.inputs import InputError
@@ -226,12 +270,13 @@ def evaluate(
         config = EvalConfig(
             benchmark=benchmark, output=output, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
             data=data, spans=spans, limit=limit, model=model, actors=actors, batch_size=batch_size, address=address,
-            gpus_per_actor=gpus_per_actor,
+            gpus_per_actor=gpus_per_actor, connect_timeout=connect_timeout, actor_start_timeout=actor_start_timeout,
             steering=SteeringConfig(alpha=alpha, beta=beta, max_new_tokens=max_new_tokens),
         )  # fmt: skip
         _quiet_transformers()
-        summary = run_evaluation(config)
-    except (InputError, ModelNotFoundError, FileNotFoundError, ValueError) as error:
+        with _interruptible(RESUME):
+            summary = run_evaluation(config)
+    except (InputError, ModelNotFoundError, ClusterError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     print_accuracy(summary, output)
 
@@ -280,10 +325,11 @@ def bench(
     if 1 not in sizes or len(sizes) != 2:
         raise _fail("--batch-sizes takes 1 and one larger size, e.g. 1,16")
     _quiet_transformers()
-    result = run_benchmark(
-        prompts=prompts, batch_sizes=sizes, max_new_tokens=max_new_tokens, model=model, b1_prompts=b1_prompts,
-        pipeline=pipeline, device=device, dtype=dtype, log=lambda line: console.print(line),
-    )  # fmt: skip
+    with _interruptible("interrupted"):
+        result = run_benchmark(
+            prompts=prompts, batch_sizes=sizes, max_new_tokens=max_new_tokens, model=model, b1_prompts=b1_prompts,
+            pipeline=pipeline, device=device, dtype=dtype, log=lambda line: console.print(line),
+        )  # fmt: skip
     if json_output:
         print(to_json(result))
         return
@@ -359,18 +405,17 @@ def ifeval_rows(
 @app.command(context_settings={"ignore_unknown_options": True})
 def submit(
     command: Annotated[list[str], typer.Argument(help="The directer command to run, after --.")],
-    address: Annotated[
-        str | None, typer.Option(help="Ray dashboard address; default $RAY_ADDRESS or http://127.0.0.1:8265.")
-    ] = None,
+    address: DashboardOption = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to end.")] = False,
     follow: Annotated[bool, typer.Option("--follow", help="Stream the job's logs until it ends.")] = False,
+    unreachable_timeout: UnreachableOption = 120.0,
     env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE set in the job's environment (repeatable).")] = None,
     pip: Annotated[list[str] | None, typer.Option(help="Extra pip requirement for the job (repeatable).")] = None,
 ) -> None:
     """Submit a directer command as a Ray job, e.g. directer submit --wait -- generate data/ --output /shared/out.
 
-    The token of a cluster with token authentication is read from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-    Ray's default token file (ray get-auth-token).
+    When the job server asks for a token, it is read from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token (ray get-auth-token). Ctrl-C while waiting detaches; the job keeps running.
     """
     from jobs import submit as jobs
 
@@ -380,16 +425,25 @@ def submit(
         raise _fail("--env takes KEY=VALUE") from None
     try:
         job_id = jobs.submit(command, address=address, env=variables, pip=pip)
-    except Exception as error:  # noqa: BLE001 - connection and authentication errors come in many types
+    except (jobs.JobServerError, ValueError) as error:
         raise _fail(f"could not submit the job: {error}") from None
-    print(job_id)
-    if follow:
-        final = jobs.follow(job_id, address)
-    elif wait:
-        with console.status(f"waiting for {job_id}"):
-            final = jobs.wait(job_id, address)
-    else:
+    print(job_id, flush=True)
+    if not (follow or wait):
         return
+    where = f" --address {address}" if address else ""
+    detach = (
+        f"detached; job {job_id} keeps running. Follow it: directer jobs logs {job_id} --follow{where}; "
+        f"stop it: directer jobs stop {job_id}{where}"
+    )
+    try:
+        with _interruptible(detach):
+            if follow:
+                final = jobs.follow(job_id, address, unreachable_timeout)
+            else:
+                with console.status(f"waiting for {job_id}"):
+                    final = jobs.wait(job_id, address, unreachable_timeout)
+    except jobs.JobServerError as error:
+        raise _fail(str(error)) from None
     console.print(f"job {job_id}: {final}")
     if final != "SUCCEEDED":
         raise typer.Exit(code=1)
@@ -400,34 +454,45 @@ app.add_typer(jobs_app, name="jobs")
 
 
 @jobs_app.command("status")
-def job_status(job_id: str, address: Annotated[str | None, typer.Option(help="Ray dashboard address.")] = None) -> None:
+def job_status(job_id: str, address: DashboardOption = None) -> None:
     """Print the job's status."""
     from jobs import submit as jobs
 
-    print(jobs.status(job_id, address))
+    try:
+        print(jobs.status(job_id, address))
+    except jobs.JobServerError as error:
+        raise _fail(str(error)) from None
 
 
 @jobs_app.command("logs")
 def job_logs(
     job_id: str,
-    address: Annotated[str | None, typer.Option(help="Ray dashboard address.")] = None,
+    address: DashboardOption = None,
     follow: Annotated[bool, typer.Option("--follow", help="Stream until the job ends.")] = False,
+    unreachable_timeout: UnreachableOption = 120.0,
 ) -> None:
     """Print the job's logs."""
     from jobs import submit as jobs
 
-    if follow:
-        jobs.follow(job_id, address)
-    else:
-        sys.stdout.write(jobs.logs(job_id, address))
+    try:
+        if follow:
+            with _interruptible(f"stopped following; job {job_id} keeps running"):
+                jobs.follow(job_id, address, unreachable_timeout)
+        else:
+            sys.stdout.write(jobs.logs(job_id, address))
+    except jobs.JobServerError as error:
+        raise _fail(str(error)) from None
 
 
 @jobs_app.command("stop")
-def job_stop(job_id: str, address: Annotated[str | None, typer.Option(help="Ray dashboard address.")] = None) -> None:
+def job_stop(job_id: str, address: DashboardOption = None) -> None:
     """Stop the job."""
     from jobs import submit as jobs
 
-    print("stopped" if jobs.stop(job_id, address) else "not running")
+    try:
+        print("stopped" if jobs.stop(job_id, address) else "not running")
+    except jobs.JobServerError as error:
+        raise _fail(str(error)) from None
 
 
 def print_report(report) -> None:

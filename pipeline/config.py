@@ -20,6 +20,11 @@ class GenerateConfig:
     ranking_cache: folder of cached layer rankings; default ``OUTPUT/ranking_cache``.
     spans: for rows that name no instruction, ``auto`` detects one and ``none`` steers nothing.
     score_nll: also store each completion's mean negative log-likelihood under the unsteered model.
+    address: the Ray cluster to join (GCS ``host:port``); ``None``: ``$RAY_ADDRESS`` (set inside a Ray job),
+        else a local Ray started for the run.
+    connect_timeout: seconds to wait for the cluster at ``address`` to answer.
+    actor_start_timeout: seconds to wait for the model actors to start (placed and model loaded); the
+        default covers an autoscaler starting GPU nodes and a large model's download.
     """
 
     inputs: tuple[str, ...]
@@ -35,6 +40,8 @@ class GenerateConfig:
     spans: str = "auto"
     score_nll: bool = False
     address: str | None = None
+    connect_timeout: float = 60.0
+    actor_start_timeout: float = 1800.0
     overwrite: bool = False
     device: str | None = None
     dtype: str | None = None
@@ -49,6 +56,8 @@ class GenerateConfig:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.spans not in ("auto", "none"):
             raise ValueError(f"--spans must be auto or none, got {self.spans!r}")
+        if self.connect_timeout <= 0 or self.actor_start_timeout <= 0:
+            raise ValueError("--connect-timeout and --actor-start-timeout must be positive seconds")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ValueError(f"--gpus-per-actor must not be negative, got {self.gpus_per_actor}")
 

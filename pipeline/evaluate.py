@@ -42,6 +42,8 @@ class EvalConfig:
     batch_size: int = 16
     address: str | None = None
     gpus_per_actor: float | None = None
+    connect_timeout: float = 60.0
+    actor_start_timeout: float = 1800.0
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - {"zero-shot", "directer"}
@@ -90,6 +92,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             batch_size=config.batch_size,
             ranking_cache=str(output / "ranking_cache"),
             address=config.address,
+            connect_timeout=config.connect_timeout,
+            actor_start_timeout=config.actor_start_timeout,
             gpus_per_actor=config.gpus_per_actor,
             spans="none",  # the benchmark's rows carry their spans (gold or detected)
             score_nll=True,

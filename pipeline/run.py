@@ -8,7 +8,6 @@ its rankings do not depend on the run).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -19,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from pipeline.cluster import actor_start_error, init_ray
 from pipeline.config import GenerateConfig
 from pipeline.inputs import duplicate_ids, output_ids, read_dataset, read_ids, resolve_inputs
 from pipeline.stage import GenerateStage
@@ -54,17 +54,6 @@ def check_model(name: str) -> None:
     from directer.models import _source
 
     _source(name)
-
-
-def init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)  # a cluster (inside a Ray job: the job's own)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True)
 
 
 def plan_resources(config: GenerateConfig, resources: dict[str, float]) -> GenerateConfig:
@@ -122,12 +111,14 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     import ray
     import ray.data
 
-    init_ray(config.address)
+    init_ray(config.address, config.connect_timeout)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
     # a block of long generations on a slow device can legitimately take longer than Ray Data's
     # no-progress timeout (which would abort the run); blocks are kept small instead
     context.execution_no_progress_timeout_s = -1
+    # actors that cannot be placed (no GPU of the kind asked for) would otherwise be waited for forever
+    context.wait_for_min_actors_s = config.actor_start_timeout
     config = plan_resources(config, ray.cluster_resources())
     report.seconds["startup"] = time.perf_counter() - started
 
@@ -153,7 +144,14 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
             num_gpus=config.gpus_per_actor,
         )
         run_started = time.perf_counter()
-        dataset.write_parquet(str(config.data_dir))
+        try:
+            dataset.write_parquet(str(config.data_dir))
+        except ray.exceptions.GetTimeoutError as error:
+            if "starting actors" not in str(error):
+                raise
+            raise actor_start_error(
+                config.cpus_per_actor, config.gpus_per_actor, config.actors, config.actor_start_timeout
+            ) from None
         report.seconds["pipeline"] = time.perf_counter() - run_started
     new_files = sorted(set(config.data_dir.glob("*.parquet")) - before)
     _summarise(report, new_files)

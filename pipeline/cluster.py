@@ -1,0 +1,139 @@
+"""Starting or joining Ray: an embedded local Ray, or a cluster by address, within a bounded wait.
+
+Two traps a plain ``ray.init()`` sets for a user (both met on Ray 2.60):
+
+- without an address it joins the cluster named in Ray's temp folder (``ray_current_cluster``, left
+  by ``ray start``), even when that head was killed long ago, and then retries for many minutes;
+  so without ``--address`` and ``$RAY_ADDRESS`` we always start a local Ray (``address="local"``).
+  A Ray job keeps working: its driver finds its cluster in ``$RAY_ADDRESS``;
+- given an address where nothing answers, it retries for many minutes in native code that ignores
+  SIGTERM; so we first wait, within ``connect_timeout``, for a gRPC server to answer there.
+
+Token authentication: a head started by ``ray start --head`` turns it on whenever a token exists
+(``~/.ray/auth_token`` is written by any local ``ray.init()``), while a client sends its token only
+with ``RAY_AUTH_MODE=token``. When that variable is unset and a token can be found where Ray keeps
+it, joining a cluster sends it (a cluster without authentication ignores it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+AUTH_MODE = "RAY_AUTH_MODE"
+TOKEN_HELP = (
+    "copy the cluster's token (`ray get-auth-token` on the head) to ~/.ray/auth_token, "
+    "or set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"
+)
+
+
+class ClusterError(RuntimeError):
+    """Ray could not give a run what it needs (a cluster that answers, actors that start); the message
+    says what was tried and what to do."""
+
+
+def find_token() -> tuple[str, str] | None:
+    """The cluster token where Ray looks for it: ``$RAY_AUTH_TOKEN``, the file named by
+    ``$RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``; returns ``(token, where it was found)``."""
+    if token := os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return token, "RAY_AUTH_TOKEN"
+    candidates = []
+    if named := os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        candidates.append(Path(named).expanduser())
+    candidates.append(Path.home() / ".ray" / "auth_token")
+    for path in candidates:
+        if path.is_file() and (token := path.read_text().strip()):
+            return token, str(path)
+    return None
+
+
+def gcs_endpoint(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a cluster address (``host:port`` or ``ray://host:port``); None for ``auto``."""
+    if address in ("auto", "local"):
+        return None
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"{address} is a dashboard address (what `directer submit` takes); to join a cluster give its GCS "
+            "address, host:6379 (`ray start --head` prints it), or submit the command as a job"
+        )
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise ClusterError(f"cluster address {address!r} is not host:port (e.g. 10.0.0.5:6379)")
+    return parsed.hostname, parsed.port
+
+
+def wait_for_cluster(address: str, timeout: float) -> None:
+    """Return once a gRPC server (a Ray head) answers at ``address``; raise after ``timeout`` seconds."""
+    import grpc
+
+    endpoint = gcs_endpoint(address)
+    if endpoint is None or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return  # nothing to probe, or a TLS handshake this plain probe cannot make
+    host, port = endpoint
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ClusterError(
+                f"no Ray cluster answered at {address} within {timeout:.0f} s: check that its head is running "
+                f"(`ray status --address {host}:{port}`) and that this is its GCS address (port 6379 by default); "
+                "without an address (and without $RAY_ADDRESS) directer starts a local Ray; "
+                "--connect-timeout sets how long to wait"
+            ) from None
+
+
+def init_ray(address: str | None, connect_timeout: float = 60.0) -> None:
+    """Join the cluster at ``address`` or ``$RAY_ADDRESS``, else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    main_thread = threading.current_thread() is threading.main_thread()
+    caller_handler = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if address:
+        wait_for_cluster(address, connect_timeout)
+        if AUTH_MODE not in os.environ and find_token():
+            _send_token()
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as error:
+            raise ClusterError(
+                f"could not join the Ray cluster at {address}: {error}; if it uses token authentication, {TOKEN_HELP}"
+            ) from None
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    if caller_handler is not None:
+        # ray.init replaces the SIGTERM handler with sys.exit; keep the caller's (the CLI stops cleanly)
+        signal.signal(signal.SIGTERM, caller_handler)
+
+
+def _send_token() -> None:
+    """Token mode for this process, as ``ray start`` turns it on when a token exists (Ray reads the
+    mode into its cached config at import, so setting the variable alone is not enough)."""
+    from ray._raylet import Config
+
+    os.environ[AUTH_MODE] = "token"
+    Config.initialize("")
+
+
+def describe_resources(resources: dict[str, float]) -> str:
+    """``CPU 2, GPU 0``, plus any accelerator types the cluster names."""
+    shown = {"CPU": resources.get("CPU", 0.0), "GPU": resources.get("GPU", 0.0)}
+    shown.update({name: value for name, value in resources.items() if name.startswith("accelerator_type:")})
+    return ", ".join(f"{name} {value:g}" for name, value in shown.items())
+
+
+def actor_start_error(cpus: float, gpus: float, actors: int, timeout: float) -> ClusterError:
+    """The error for an actor pool that did not start within ``timeout`` seconds."""
+    import ray
+
+    return ClusterError(
+        f"no model actor started within {timeout:.0f} s: each of {actors} actor(s) asks for "
+        f"{cpus:g} CPU and {gpus:g} GPU, and the cluster has {describe_resources(ray.cluster_resources())}. "
+        "Lower --gpus-per-actor or --actors, add nodes, or, on an autoscaling cluster still starting its GPU nodes "
+        "or loading a large model, raise --actor-start-timeout"
+    )

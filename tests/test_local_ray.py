@@ -1,0 +1,89 @@
+"""``directer generate`` and ``eval`` on an embedded local Ray, as a user's shell runs them: a stale
+cluster file from an earlier head, actors that can never start, and SIGINT/SIGTERM at any point."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+from test_jobs import CLI, ROOT, cli, free_port, user_environment, write_rows
+
+
+def local_environment(home: Path) -> dict[str, str]:
+    """A user's shell with Ray's temp folder of its own (short: Ray's socket paths must fit)."""
+    return {**user_environment(home), "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
+
+
+def rows_written(output: Path) -> list[dict]:
+    files = sorted(str(p) for p in (output / "data").glob("*.parquet"))
+    return pads.dataset(files, format="parquet").to_table(columns=["id", "status"]).to_pylist() if files else []
+
+
+def test_a_stale_cluster_file_does_not_stop_a_local_run(tmp_path):
+    env = local_environment(tmp_path)
+    # what a head killed without `ray stop` leaves behind: its address, where nothing answers any more
+    cluster_file = Path(env["RAY_TMPDIR"]) / "ray" / "ray_current_cluster"
+    cluster_file.parent.mkdir()
+    cluster_file.write_text(f"127.0.0.1:{free_port()}")
+    inputs = write_rows(tmp_path / "in.jsonl", 2)
+    result = cli("generate", str(inputs), "--output", str(tmp_path / "out"), "--max-new-tokens", "3",
+                 "--examples", "0", env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(r["id"] for r in rows_written(tmp_path / "out")) == ["row-0", "row-1"]
+
+
+def test_actors_that_cannot_start_fail_within_the_bound(tmp_path):
+    inputs = write_rows(tmp_path / "in.jsonl", 1)
+    result = cli("generate", str(inputs), "--output", str(tmp_path / "out"), "--gpus-per-actor", "1",
+                 "--actor-start-timeout", "5", env=local_environment(tmp_path), timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: no model actor started within 5 s")
+    assert "1 GPU" in message and "GPU 0" in message and "--actor-start-timeout" in message
+
+
+def test_sigterm_mid_run_stops_within_seconds_and_a_rerun_resumes(tmp_path):
+    env = local_environment(tmp_path)
+    output = tmp_path / "out"
+    inputs = write_rows(tmp_path / "in.jsonl", 6)
+    command = [*CLI, "generate", str(inputs), "--output", str(output), "--batch-size", "1", "--max-new-tokens", "24",
+               "--examples", "0"]  # fmt: skip
+    run = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 400
+    while not rows_written(output) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert run.poll() is None, "the run ended before the first block was written"
+    run.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, stderr = run.communicate(timeout=60)
+    assert time.monotonic() - sent < 15
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "rerun the same command to resume" in stderr
+    done = rows_written(output)
+    assert 0 < len(done) < 6
+
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{len(done)} already done" in rerun.stdout
+    final = rows_written(output)
+    assert sorted(r["id"] for r in final) == [f"row-{i}" for i in range(6)]
+    assert all(r["status"] == "ok" for r in final)
+
+
+def test_sigint_during_start_up_stops_eval_within_seconds(tmp_path):
+    env = local_environment(tmp_path)
+    command = [*CLI, "eval", "ifeval", "--limit", "2", "--output", str(tmp_path / "eval"), "--max-new-tokens", "4"]
+    run = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "eval" / "inputs.parquet").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, stderr = run.communicate(timeout=60)
+    assert time.monotonic() - sent < 15
+    assert run.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "rerun the same command to resume" in stderr

@@ -18,7 +18,7 @@ import torch
 from directer.config import SteeringConfig
 from directer.engine import Engine, Generation, Request, SteeringSummary, StepTelemetry
 from directer.models import DEFAULT_MODEL, LoadedModel, load_model
-from directer.prompts import Prompt, SpanMode, prompt_from_row
+from directer.prompts import Prompt, SpanMode, check_fits, prompt_from_row
 
 PromptInput = str | tuple[str, str | None]
 
@@ -113,7 +113,11 @@ class Directer:
         batch_size: int = 16,
         rankings: Sequence[list[int] | None] | None = None,
     ) -> list[Completion]:
-        """Decode built prompts in length-sorted batches; results come back in input order."""
+        """Decode built prompts in length-sorted batches; results come back in input order.
+
+        Raises :class:`PromptError` before decoding anything when a prompt would not fit the model's context."""
+        for prompt in prompts:
+            check_fits(prompt, config.max_new_tokens, self.loaded.context_length)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].token_ids))
         results: list[Completion | None] = [None] * len(prompts)
         for start in range(0, len(order), batch_size):

@@ -112,7 +112,7 @@ def cache_dir() -> Path:
 
 def default_device_dtype(device: str | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
     """CUDA + bf16 when a GPU is there, else CPU + fp32; either may be overridden."""
-    resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    resolved = _device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         return resolved, torch.bfloat16 if resolved.type == "cuda" else torch.float32
     if isinstance(dtype, str):
@@ -121,6 +121,26 @@ def default_device_dtype(device: str | None, dtype: str | torch.dtype | None) ->
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16 (or fp32, fp16, bf16)")
     return resolved, dtype
+
+
+def _device(name: str) -> torch.device:
+    """``name`` as a torch device this machine has; a clear error otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from None
+    available = {
+        "cpu": lambda: True,
+        "cuda": torch.cuda.is_available,
+        "mps": lambda: torch.backends.mps.is_available(),
+    }
+    if device.type not in available:
+        raise ValueError(f"device {name!r} is not supported: use cpu, cuda, cuda:N or mps")
+    if not available[device.type]():
+        raise ValueError(f"device {name!r}: torch sees no {device.type} device on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
 
 
 def _converted_gguf(alias: str, bundled: BundledModel) -> Path:

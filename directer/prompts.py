@@ -51,6 +51,16 @@ class Prompt:
         return (self.span[0], self.span[-1] + 1) if self.span else None
 
 
+def check_fits(prompt: Prompt, max_new_tokens: int, context_length: int | None) -> None:
+    """Refuse a prompt whose tokens and ``max_new_tokens`` would run past the model's context (the
+    model would decode garbage there, slowly)."""
+    if context_length is not None and len(prompt.token_ids) + max_new_tokens > context_length:
+        raise PromptError(
+            f"{len(prompt.token_ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's context "
+            f"of {context_length}"
+        )
+
+
 def instruction_spans(message: str, instruction: str) -> list[CharSpan]:
     """The first occurrence of ``instruction`` in ``message`` as a character span."""
     if not instruction.strip():

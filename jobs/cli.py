@@ -69,6 +69,7 @@ UnreachableOption = Annotated[
     float,
     typer.Option(help="Seconds to keep retrying a job server that stopped answering before giving up.", min=1),
 ]
+LimitOption = Annotated[int | None, typer.Option(help="Only the first N prompts.", min=1)]
 RESUME = "interrupted: the rows written so far are kept; rerun the same command to resume"
 
 
@@ -152,9 +153,12 @@ def run(
         raise _fail(str(error)) from None
     methods = ["zero-shot", "directer"] if compare else [config.method]
     results = {}
-    for name in methods:
-        with console.status(f"generating ({name})"):
-            results[name] = steerer.complete([built], config.with_(method=name))[0]
+    try:
+        for name in methods:
+            with console.status(f"generating ({name})"):
+                results[name] = steerer.complete([built], config.with_(method=name))[0]
+    except ValueError as error:  # a prompt longer than the model's context
+        raise _fail(str(error)) from None
     if json_output:
         payload = results[config.method].to_dict() if not compare else {m: r.to_dict() for m, r in results.items()}
         json.dump(payload, sys.stdout)
@@ -247,7 +251,7 @@ def evaluate(
     methods: Annotated[str, typer.Option(help="Comma-separated: zero-shot, directer.")] = "zero-shot,directer",
     data: Annotated[str | None, typer.Option(help="IFEval input_data.jsonl; default the packaged copy.")] = None,
     spans: Annotated[str, typer.Option(help="gold, auto or none (for ifeval).")] = "gold",
-    limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
+    limit: LimitOption = None,
     model: ModelOption = "smollm2-135m",
     max_new_tokens: MaxNewTokensOption = 256,
     alpha: AlphaOption = 100.0,
@@ -286,6 +290,8 @@ def report(run_dir: Annotated[str, typer.Argument(help="A directer eval output f
     """Rebuild summary.json, the plots, report.md and report.html of an evaluation."""
     from pipeline.report import build_report
 
+    if not Path(run_dir).is_dir():
+        raise _fail(f"no such folder: {run_dir}")
     if not (Path(run_dir) / "scores.parquet").is_file():
         raise _fail(f"{run_dir} holds no scores.parquet; is it a directer eval output?")
     _quiet_transformers()
@@ -381,23 +387,34 @@ def export(
 
 @app.command("ifeval")
 def ifeval_rows(
-    output: Annotated[str, typer.Option("--output", "-o", help="Parquet file to write the input rows to.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="File to write the input rows to: .parquet or .jsonl.")],
     data: Annotated[str | None, typer.Option(help="IFEval input_data.jsonl; default the packaged copy.")] = None,
     spans: Annotated[str, typer.Option(help="gold (instruction_spans.jsonl beside it), auto or none.")] = "gold",
-    limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
+    limit: LimitOption = None,
 ) -> None:
-    """Write IFEval's prompts as input rows for directer generate."""
+    """Write IFEval's prompts as input rows for directer generate.
+
+    Example: directer ifeval --output prompts.parquet --spans auto
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from directer.ifeval import load_ifeval
 
+    path = Path(output)
+    if path.is_dir():
+        raise _fail(f"--output {output} is a folder: name a .parquet or .jsonl file")
+    if path.suffix not in (".parquet", ".jsonl"):
+        raise _fail(f"--output {output}: name a .parquet or .jsonl file")
     try:
         rows = load_ifeval(data, spans=spans, limit=limit)  # type: ignore[arg-type]
     except (FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
     steered = sum(bool(r["instruction_spans"]) for r in rows)
     Console().print(f"{len(rows)} IFEval rows ({steered} with spans, {spans}) -> {output}")
 
@@ -552,13 +569,11 @@ def print_examples(config, count: int) -> None:
 
 def highlight_steered(tokenizer, completion) -> Text:
     """The completion with every token that steering changed highlighted."""
+    from directer.pieces import steered_pieces
+
     text = Text()
-    special = set(tokenizer.all_special_ids)
-    for step in completion.telemetry:
-        if step.token in special:
-            continue
-        piece = tokenizer.decode([step.token])
-        text.append(piece, style="bold black on yellow" if step.changed else None)
+    for piece, changed in steered_pieces(tokenizer, ((step.token, step.changed) for step in completion.telemetry)):
+        text.append(piece, style="bold black on yellow" if changed else None)
     return text
 
 

@@ -76,8 +76,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     from pipeline.report import build_report
 
     output = Path(config.output)
+    rows = load_rows(config)  # before the output folder exists: bad input leaves nothing behind
     output.mkdir(parents=True, exist_ok=True)
-    rows = load_rows(config)
     inputs = output / "inputs.parquet"
     pq.write_table(pa.Table.from_pylist(rows), inputs)
     (output / "eval.json").write_text(json.dumps(asdict(config), indent=2, default=str))

@@ -33,7 +33,7 @@ def _is_datasets_folder(path: Path) -> bool:
 
 def resolve_inputs(specs: tuple[str, ...] | list[str]) -> list[Source]:
     """Expand files, folders and globs into sources; fails on anything missing or unknown."""
-    parquet, json, datasets = [], [], []
+    parquet, jsonl, datasets = [], [], []
     for spec in specs:
         matches = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
         if not matches:
@@ -43,6 +43,12 @@ def resolve_inputs(specs: tuple[str, ...] | list[str]) -> list[Source]:
             if not path.exists():
                 raise InputError(f"input not found: {match}")
             if path.is_dir():
+                if (path / "dataset_dict.json").is_file():
+                    splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+                    raise InputError(
+                        f"{match} is a DatasetDict with splits {', '.join(splits)}: pass one split's folder, "
+                        f"e.g. {path / (splits[0] if splits else 'train')}"
+                    )
                 if _is_datasets_folder(path):
                     datasets.append(str(path))
                     continue
@@ -51,18 +57,18 @@ def resolve_inputs(specs: tuple[str, ...] | list[str]) -> list[Source]:
                 if not files and not jsons:
                     raise InputError(f"folder {match} holds no .parquet or .jsonl files")
                 parquet += files
-                json += jsons
+                jsonl += jsons
             elif path.suffix == ".parquet":
                 parquet.append(str(path))
             elif path.suffix in JSON_SUFFIXES:
-                json.append(str(path))
+                jsonl.append(str(path))
             else:
                 raise InputError(f"unsupported input {match}: use .parquet, .jsonl, or a folder of them")
     sources = []
     if parquet:
         sources.append(Source("parquet", tuple(parquet)))
-    if json:
-        sources.append(Source("json", tuple(json)))
+    if jsonl:
+        sources.append(Source("json", tuple(jsonl)))
     sources += [Source("datasets", (path,)) for path in datasets]
     return sources
 

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from directer.pieces import steered_pieces
+
 METRICS = ("prompt_strict", "prompt_loose", "inst_strict", "inst_loose")
 METRIC_NAMES = {
     "prompt_strict": "prompt-level strict",
@@ -305,14 +307,11 @@ def _highlighted_completion(tokenizer, row: dict) -> str:
     """The completion with every token that steering changed highlighted."""
     if row["status"] != "ok":
         return f'<span class="error">{html.escape(row["error"] or "")}</span>'
-    special = set(tokenizer.all_special_ids)
-    parts = []
-    for step in row["telemetry"] or []:
-        if step["token"] in special:
-            continue
-        piece = html.escape(tokenizer.decode([step["token"]]))
-        parts.append(f'<mark title="steered">{piece}</mark>' if step["changed"] else piece)
-    return "".join(parts)
+    steps = ((step["token"], step["changed"]) for step in row["telemetry"] or [])
+    return "".join(
+        f'<mark title="steered">{html.escape(piece)}</mark>' if changed else html.escape(piece)
+        for piece, changed in steered_pieces(tokenizer, steps)
+    )
 
 
 def _marked_prompt(prompt: str, spans: list) -> str:
@@ -369,7 +368,8 @@ def _html(
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>directer evaluation</title><style>
 body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}
-table.side{{width:100%;table-layout:fixed}} pre{{white-space:pre-wrap;font-size:13px;margin:0}}
+td{{overflow-wrap:anywhere}}
+table.side{{width:100%;table-layout:fixed}} pre{{white-space:pre-wrap;overflow-wrap:anywhere;font-size:13px;margin:0}}
 mark{{background:#ffd54f}} .span{{background:#cfe8ff;border-bottom:2px solid #3b82f6}}
 .pass,.fail{{font-size:11px;padding:1px 4px;border-radius:3px;margin-right:3px}}
 .pass{{background:#c8f7c5}} .fail{{background:#f9c0c0}}

@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from directer.prompts import Prompt, PromptError, SpanMode, prompt_from_row
+from directer.prompts import Prompt, PromptError, SpanMode, check_fits, prompt_from_row
 from pipeline.inputs import TYPE_ERRORS
 
 
@@ -47,12 +47,7 @@ def prepare_row(
         raise RowError("id", f"{value!r} appears {duplicates[value]} times in the input; ids must be unique")
     try:
         prompt = prompt_from_row(tokenizer, row, spans)
+        check_fits(prompt, max_new_tokens, context_length)
     except PromptError as error:
         raise RowError(error.field, error.problem) from None
-    if context_length is not None and len(prompt.token_ids) + max_new_tokens > context_length:
-        raise RowError(
-            "prompt",
-            f"{len(prompt.token_ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's context "
-            f"of {context_length}",
-        )
     return prompt

@@ -53,3 +53,14 @@ def test_run_reports_bad_options(args, message):
     result = directer("run", "Say hi.", "--instruction", "Be brief.", *args)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_non_latin_text_is_printed_whole():
+    prompt = "海についての俳句を書いてください。すべて日本語で答えてください。"
+    args = ["run", prompt, "-i", "すべて日本語で答えてください。", "--max-new-tokens", "24", "--method", "zero-shot"]
+    shown, as_json = directer(*args), directer(*args, "--json")
+    assert shown.returncode == 0 and as_json.returncode == 0, shown.stderr + as_json.stderr
+    completion = json.loads(as_json.stdout)["completion"]
+    assert any(ord(c) > 0x3000 for c in completion), completion  # the model answered in Japanese
+    assert "\ufffd" not in shown.stdout
+    assert "".join(shown.stdout.split()) == "".join(completion.split())

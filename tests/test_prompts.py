@@ -45,3 +45,16 @@ def test_without_template_the_text_is_the_message(smollm2):
     prompt = build_prompt(smollm2.tokenizer, "Say hi. Be brief.", instruction="Be brief.", chat_template=False)
     assert prompt.text == "Say hi. Be brief."
     assert prompt.char_spans == [(8, 17)]
+
+
+def test_a_prompt_past_the_context_is_refused_by_the_library_and_the_cli(smollm2):
+    from test_cli_run import directer as run_cli
+
+    from directer import Directer, PromptError
+
+    long_prompt = "Tell me about the sea. " * 1800  # about 10,800 tokens against a context of 8,192
+    with pytest.raises(PromptError, match="new tokens exceed the model's context of 8192"):
+        Directer(smollm2).generate(long_prompt, max_new_tokens=8)
+    result = run_cli("run", long_prompt, "--max-new-tokens", "8")
+    assert result.returncode == 2
+    assert "prompt: " in result.stderr and "exceed the model's context of 8192" in result.stderr

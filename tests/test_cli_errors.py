@@ -1,0 +1,63 @@
+"""Bad options and inputs end in one clear line, never a traceback, and leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def directer(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def fails_with(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert message in " ".join(result.stderr.split()), result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "Say hi.", "--device", "tpu"], "unknown device 'tpu'"),
+        (["run", "Say hi.", "--device", "cuda"], "device 'cuda': torch sees no cuda device"),
+        (["ifeval", "--output", "x.parquet", "--limit", "-1"], "Invalid value for '--limit'"),
+        (["ifeval", "--output", "x.parquet", "--limit", "0"], "Invalid value for '--limit'"),
+        (["eval", "--limit", "0"], "Invalid value for '--limit'"),
+        (["ifeval", "--output", "rows.txt"], "name a .parquet or .jsonl file"),
+        (["report", "no-such-folder"], "no such folder: no-such-folder"),
+    ],
+)
+def test_bad_options_fail_in_one_line(args, message):
+    fails_with(directer(*args), message)
+
+
+def test_ifeval_output_is_a_file_of_the_named_format(tmp_path):
+    fails_with(directer("ifeval", "--output", str(tmp_path)), "is a folder")
+    result = directer("ifeval", "--output", str(tmp_path / "rows.jsonl"), "--limit", "5")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 5 and {"id", "prompt", "instruction_spans", "instruction_id_list"} <= set(rows[0])
+
+
+def test_a_datasetdict_folder_names_its_splits(tmp_path):
+    import datasets
+
+    rows = {"id": ["a"], "prompt": ["Say hi."]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "dd"))
+    result = directer("generate", str(tmp_path / "dd"), "--output", str(tmp_path / "out"))
+    fails_with(result, f"pass one split's folder, e.g. {tmp_path / 'dd' / 'train'}")
+
+
+def test_eval_of_a_missing_file_leaves_no_output_folder(tmp_path):
+    result = directer("eval", str(tmp_path / "nofile.jsonl"), "--output", str(tmp_path / "eval"))
+    fails_with(result, "nofile.jsonl")
+    assert not (tmp_path / "eval").exists()

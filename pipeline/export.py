@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from pipeline.inputs import InputError
 
 FORMATS = ("hf", "jsonl", "parquet")
 SHARD_ROWS = 50_000
+# what an export writes; a new export into the same folder removes an earlier one's first
+EXPORT_OUTPUTS = ("dataset", "train.jsonl", "data", "README.md", "histograms.png")
 
 
 @dataclass(frozen=True)
@@ -175,12 +178,18 @@ def export(config: ExportConfig, command: str | None = None) -> ExportReport:
     return report
 
 
+def _conversation(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The whole conversation the completion answers (system messages included), then the completion."""
+    if row.get("messages"):
+        asked = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    else:
+        asked = [{"role": "user", "content": _user_message(row)}]
+    return [*asked, {"role": "assistant", "content": row["completion"]}]
+
+
 def _record(row: dict[str, Any]) -> dict[str, Any]:
     return {
-        "messages": [
-            {"role": "user", "content": _user_message(row)},
-            {"role": "assistant", "content": row["completion"]},
-        ],
+        "messages": _conversation(row),
         "source_id": row["id"],
         "method": row["method"],
         "config_fingerprint": row["config_fingerprint"],
@@ -194,6 +203,12 @@ def _record(row: dict[str, Any]) -> dict[str, Any]:
 def _write(records: list[dict[str, Any]], config: ExportConfig) -> None:
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
+    for name in EXPORT_OUTPUTS:
+        stale = output / name
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
     if config.format == "hf":
         import datasets
 
@@ -237,7 +252,8 @@ def _card(config: ExportConfig, report: ExportReport, rows: list[dict[str, Any]]
     lines = [
         "---", "task_categories: [text-generation]", "tags: [instruction-following, synthetic, directer]", "---", "",
         "# Instruction-following training set", "",
-        f"{len(rows)} chat records (`messages`: user prompt, assistant completion) with provenance columns "
+        f"{len(rows)} chat records (`messages`: the conversation as asked, system messages included, then the "
+        "assistant completion) with provenance columns "
         "(`source_id`, `method`, `config_fingerprint`, `model`, `steering`, `nll`), exported by directer "
         f"from {', '.join(f'`{r}`' for r in config.runs)} in `{config.format}` format.", "",
         "## Rows kept at each filter", "", "| filter | rows |", "| --- | --- |",

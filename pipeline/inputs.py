@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 JSON_SUFFIXES = (".jsonl", ".json")
 TEXT_FIELDS = ("id", "prompt", "instruction", "task")
 TYPE_ERRORS = "_type_errors"  # internal column: "field=type" for input fields of the wrong type
+READ_ERROR = "_read_error"  # internal column: why a JSON line could not be read as a row
 
 
 class InputError(ValueError):
@@ -84,7 +85,10 @@ def read_ids(sources: list[Source]) -> list[object]:
             ids += dataset["id"] if "id" in dataset.column_names else [None] * len(dataset)
             continue
         for path in source.paths:
-            dataset = pads.dataset(path, format="json" if source.kind == "json" else "parquet")
+            if source.kind == "json":
+                ids += [row.get("id") for row in map(_json_row, _json_lines(path))]
+                continue
+            dataset = pads.dataset(path, format="parquet")
             if "id" in dataset.schema.names:
                 ids += dataset.to_table(columns=["id"]).column("id").to_pylist()
             else:
@@ -112,7 +116,9 @@ def read_dataset(sources: list[Source]):
                 by_schema.setdefault(pq.read_schema(path).remove_metadata().to_string(), []).append(path)
             datasets += [ray.data.read_parquet(paths) for paths in by_schema.values()]
         elif source.kind == "json":
-            datasets.append(ray.data.read_json(list(source.paths), lines=True))
+            # each line parsed on its own: rows of different forms keep only their own fields
+            lines = ray.data.read_text(list(source.paths), drop_empty_lines=True)
+            datasets.append(lines.map_batches(parse_json_lines, batch_format="pyarrow"))
         else:
             import datasets as hf_datasets
 
@@ -121,6 +127,43 @@ def read_dataset(sources: list[Source]):
     datasets = [dataset.map_batches(normalize_types, batch_format="pyarrow") for dataset in datasets]
     first, *rest = datasets
     return first.union(*rest) if rest else first
+
+
+def _json_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as handle:
+        return [line for line in handle if line.strip()]
+
+
+def _json_row(line: str) -> dict:
+    """One JSON-lines row; a line that is not a JSON object gives a row holding only its ``READ_ERROR``."""
+    try:
+        row = json.loads(line)
+    except ValueError as error:
+        return {READ_ERROR: f"not valid JSON ({error})"}
+    return row if isinstance(row, dict) else {READ_ERROR: f"not a JSON object but {type(row).__name__}"}
+
+
+def parse_json_lines(batch: pa.Table) -> pa.Table:
+    """Arrow rows from JSON-lines text. A field a row lacks stays null (not NaN), a column keeps its Arrow
+    type (lists stay lists), and a column whose values disagree in type is kept as JSON text; a text
+    field of the wrong type is written as text and noted for :func:`normalize_types`'s error row."""
+    rows = [_json_row(line) for line in batch.column("text").to_pylist() if line.strip()]
+    notes: list[list[str]] = [[] for _ in rows]
+    for row, note in zip(rows, notes):
+        for name in TEXT_FIELDS:
+            value = row.get(name)
+            if value is not None and not isinstance(value, str):
+                note.append(f"{name}={type(value).__name__}")
+                row[name] = json.dumps(value)
+    columns: dict[str, pa.Array] = {}
+    for name in dict.fromkeys(key for row in rows for key in row):
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = pa.array(values, pa.string() if name in TEXT_FIELDS else None)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
+    columns[TYPE_ERRORS] = pa.array([",".join(n) or None for n in notes], pa.string())
+    return pa.table(columns) if rows else pa.table({TYPE_ERRORS: pa.array([], pa.string())})
 
 
 def normalize_types(batch: pa.Table) -> pa.Table:
@@ -139,6 +182,9 @@ def normalize_types(batch: pa.Table) -> pa.Table:
                 notes[row].append(f"{name}={type(value).__name__}")
         text = [None if v is None else json.dumps(v) for v in values]
         batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(text, pa.string()))
+    if TYPE_ERRORS in batch.column_names:  # notes taken while parsing JSON lines
+        for row, earlier in enumerate(batch.column(TYPE_ERRORS).to_pylist()):
+            notes[row] = [*(earlier.split(",") if earlier else []), *notes[row]]
     column = pa.array([",".join(n) or None for n in notes], pa.string())
     if TYPE_ERRORS in batch.column_names:
         return batch.set_column(batch.schema.get_field_index(TYPE_ERRORS), TYPE_ERRORS, column)

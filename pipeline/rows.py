@@ -7,7 +7,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from directer.prompts import Prompt, PromptError, SpanMode, check_fits, prompt_from_row
-from pipeline.inputs import TYPE_ERRORS
+from pipeline.inputs import READ_ERROR, TYPE_ERRORS
 
 
 class RowError(ValueError):
@@ -34,6 +34,8 @@ def prepare_row(
     spans: SpanMode = "auto",
 ) -> Prompt:
     """The row's prompt with its instruction placed, or :class:`RowError`."""
+    if row.get(READ_ERROR):
+        raise RowError("line", row[READ_ERROR])
     for note in (row.get(TYPE_ERRORS) or "").split(","):
         if note:
             field, kind = note.split("=", 1)

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from directer.quality import completion_nll, distinct_n
 from pipeline.config import GenerateConfig
-from pipeline.inputs import TYPE_ERRORS
+from pipeline.inputs import READ_ERROR, TYPE_ERRORS
 from pipeline.ranking_cache import RankingCache
 from pipeline.rows import RowError, prepare_row, row_id
 
@@ -129,7 +129,8 @@ class GenerateStage:
             self._record(i, completions.get(i), errors.get(i), cache_hits.get(i), seconds) for i in range(len(rows))
         ]
         generated = pa.Table.from_pylist(records, schema=GENERATED)
-        passthrough = batch.drop_columns([c for c in batch.column_names if c in OUTPUT_COLUMNS or c == TYPE_ERRORS])
+        internal = (TYPE_ERRORS, READ_ERROR)
+        passthrough = batch.drop_columns([c for c in batch.column_names if c in OUTPUT_COLUMNS or c in internal])
         ids = pa.array([row_id(row) for row in rows], type=pa.string())
         columns = {"id": ids, **{c: passthrough.column(c) for c in passthrough.column_names}}
         columns.update({c: generated.column(c) for c in generated.column_names})

@@ -49,6 +49,10 @@ class RunReport:
         return {**self.__dict__, "tokens_per_second": self.tokens_per_second}
 
 
+# what a run's rows depend on: a rerun into the same folder must keep them
+RESUME_FIELDS = ("model", "steering", "spans", "dtype", "score_nll")
+
+
 def check_model(name: str) -> None:
     """Fail before Ray starts when the model name cannot be resolved."""
     from directer.models import _source
@@ -98,10 +102,14 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     the command line that asked for it, when given)."""
     started = time.perf_counter()
     sources = resolve_inputs(config.inputs)
+    input_files = sorted(str(Path(path).resolve()) for source in sources for path in source.paths)
     check_model(config.model)
+    check_resumable(config, input_files)
     if config.overwrite and config.data_dir.exists():
         shutil.rmtree(config.data_dir)
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    if config.overwrite or not (config.output_dir / "run.json").is_file():
+        write_manifest(config, None, input_files)  # before any row: an interrupted run is still checked
     ids = read_ids(sources)
     duplicates = duplicate_ids(ids)
     done, missing_done, _ = output_ids(config.data_dir)
@@ -156,7 +164,7 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     new_files = sorted(set(config.data_dir.glob("*.parquet")) - before)
     _summarise(report, new_files)
     report.seconds["total"] = time.perf_counter() - started
-    write_manifest(config, report)
+    write_manifest(config, report, input_files)
     return report
 
 
@@ -190,9 +198,36 @@ def _summarise(report: RunReport, files: list[Path]) -> None:
     report.ranking_cache = {"hits": cache.count("hit"), "misses": cache.count("miss")}
 
 
-def write_manifest(config: GenerateConfig, report: RunReport) -> None:
-    """``run.json``: the configuration, counts over the whole output, and every invocation's report."""
+def check_resumable(config: GenerateConfig, input_files: list[str]) -> None:
+    """Resume only a run of the same configuration and inputs: rows of two runs never mix in one folder."""
     path = config.output_dir / "run.json"
+    if config.overwrite or not path.is_file():
+        return
+    manifest = json.loads(path.read_text())
+    before, now = manifest.get("config", {}), config.to_dict()
+    differences = []
+    for name in RESUME_FIELDS:
+        old, new = before.get(name), now[name]
+        if isinstance(new, dict):
+            old = old or {}
+            differences += [f"{name}.{key} {old.get(key)!r} -> {value!r}" for key, value in new.items()
+                            if old.get(key) != value]  # fmt: skip
+        elif old != new:
+            differences.append(f"{name} {old!r} -> {new!r}")
+    if manifest.get("input_files", input_files) != input_files:
+        differences.append(f"inputs {', '.join(manifest['input_files'])} -> {', '.join(input_files)}")
+    if differences:
+        raise ValueError(
+            f"{config.output} holds a run with another configuration ({'; '.join(differences)}): "
+            "rerun with --overwrite to start over there, or choose another --output"
+        )
+
+
+def write_manifest(config: GenerateConfig, report: RunReport | None, input_files: list[str]) -> None:
+    """``run.json``: the configuration, the input files, counts over the whole output, and every
+    invocation's report (``report`` None: the run is starting)."""
+    path = config.output_dir / "run.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(path.read_text()).get("invocations", []) if path.is_file() and not config.overwrite else []
     files = sorted(str(p) for p in config.data_dir.glob("*.parquet"))
     totals = {"rows": 0, "ok": 0, "error": 0}
@@ -201,9 +236,10 @@ def write_manifest(config: GenerateConfig, report: RunReport) -> None:
         totals = {"rows": len(status), "ok": pc.sum(pc.equal(status, "ok")).as_py() or 0}
         totals["error"] = totals["rows"] - totals["ok"]
     manifest = {
-        "config": config.to_dict(),
+        "config": {**config.to_dict(), "ranking_cache": str(config.ranking_cache_dir)},
         "config_fingerprint": config.steering.fingerprint(),
+        "input_files": input_files,
         "totals": totals,
-        "invocations": [*previous, report.to_dict()],
+        "invocations": [*previous, report.to_dict()] if report else previous,
     }
     path.write_text(json.dumps(manifest, indent=2, default=str))

@@ -179,3 +179,29 @@ def test_row_forms_from_jsonl_and_a_datasets_folder(tmp_path):
         }  # fmt: skip
         assert (out["auto"]["instruction_tokens"] > 0) == (mode == "auto")
         assert (out["auto"]["ranking"] is not None) == (mode == "auto")
+
+
+def test_a_folder_holding_another_run_is_not_resumed(tmp_path):
+    import subprocess
+    import sys
+
+    rows = [{"id": f"r{i}", "prompt": f"Name a color. {s}", "instruction": s} for i, s in enumerate(["Be brief."] * 2)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"id": "other", "prompt": "Say hi."}) + "\n")
+    output = tmp_path / "out"
+    generate(GenerateConfig(inputs=(str(tmp_path / "a.jsonl"),), output=str(output),
+                            steering=SteeringConfig(max_new_tokens=3)), progress=False)  # fmt: skip
+    manifest = (output / "run.json").read_text()
+    assert json.loads(manifest)["config"]["ranking_cache"] == str(output / "ranking_cache")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "jobs.cli", "generate", "--output", str(output), "--max-new-tokens", "3"]
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run([*command, *args], cwd=root, capture_output=True, text=True, timeout=600)
+
+    beta = cli(str(tmp_path / "a.jsonl"), "--beta", "0.7")
+    assert beta.returncode == 2 and "steering.beta 0.5 -> 0.7" in beta.stderr and "--overwrite" in beta.stderr
+    other = cli(str(tmp_path / "b.jsonl"))
+    assert other.returncode == 2 and f"inputs {tmp_path / 'a.jsonl'} -> {tmp_path / 'b.jsonl'}" in other.stderr
+    assert (output / "run.json").read_text() == manifest
+    assert sorted(r["id"] for r in read_output(output)) == ["r0", "r1"]

@@ -250,7 +250,13 @@ def evaluate(
     output: Annotated[str, typer.Option("--output", "-o", help="Output folder.")] = "runs/eval",
     methods: Annotated[str, typer.Option(help="Comma-separated: zero-shot, directer.")] = "zero-shot,directer",
     data: Annotated[str | None, typer.Option(help="IFEval input_data.jsonl; default the packaged copy.")] = None,
-    spans: Annotated[str, typer.Option(help="gold, auto or none (for ifeval).")] = "gold",
+    spans: Annotated[
+        str,
+        typer.Option(
+            help="ifeval: gold, auto (detected) or none. Own rows: their own instruction or spans; auto also "
+            "detects one where a row gives none."
+        ),
+    ] = "gold",
     limit: LimitOption = None,
     model: ModelOption = "smollm2-135m",
     max_new_tokens: MaxNewTokensOption = 256,

@@ -21,7 +21,8 @@ from directer.ifeval import load_ifeval
 from directer.models import DEFAULT_MODEL
 from directer.scoring import score_response
 from pipeline.config import GenerateConfig
-from pipeline.inputs import InputError
+from pipeline.inputs import JSON_SUFFIXES, READ_ERROR, InputError, read_json_rows, rows_to_table
+from pipeline.rows import user_message
 from pipeline.run import generate
 
 
@@ -53,21 +54,36 @@ class EvalConfig:
             raise ValueError(f"--spans must be gold, auto or none, got {self.spans!r}")
 
 
+CHECKER_FIELDS = ("instruction_id_list", "kwargs")
+
+
 def load_rows(config: EvalConfig) -> list[dict[str, Any]]:
-    """The benchmark's input rows; a user's own file must carry IFEval-style checker fields."""
+    """The benchmark's input rows. A user's own rows take every form ``generate`` takes (``prompt``,
+    ``task``, ``messages``; ``instruction`` or ``instruction_spans``) plus IFEval's checker fields, or
+    IFEval's own format (``key`` as the id)."""
     if config.benchmark == "ifeval":
         return load_ifeval(config.data, spans=config.spans, limit=config.limit)  # type: ignore[arg-type]
     path = Path(config.benchmark)
     if not path.is_file():
         raise InputError(f"benchmark is neither 'ifeval' nor a file: {config.benchmark}")
-    fmt = "json" if path.suffix in (".jsonl", ".json") else "parquet"
-    rows = pads.dataset(str(path), format=fmt).to_table().to_pylist()[: config.limit]
+    rows = read_json_rows(path) if path.suffix in JSON_SUFFIXES else pq.read_table(path).to_pylist()
+    rows = rows[: config.limit]
     for index, row in enumerate(rows):
-        for name in ("id", "instruction_id_list", "kwargs"):
-            if row.get(name) is None:
-                raise InputError(f"row {index}: field {name!r} is missing; evaluation rows need IFEval checker fields")
+        if row.get("id") is None and row.get("key") is not None:
+            row["id"] = str(row["key"])
+        name = f"row {index}" + (f" (id {row['id']!r})" if row.get("id") is not None else "")
+        if row.get(READ_ERROR):
+            raise InputError(f"{name}: {row[READ_ERROR]}")
+        for field_name in ("id", *CHECKER_FIELDS):
+            if row.get(field_name) is None:
+                raise InputError(
+                    f"{name}: field {field_name!r} is missing; evaluation rows need an id (or IFEval's key) and "
+                    "IFEval's checker fields instruction_id_list and kwargs"
+                )
         if not isinstance(row["kwargs"], str):
             row["kwargs"] = json.dumps(row["kwargs"])
+    if not rows:
+        raise InputError(f"{config.benchmark} holds no rows")
     return rows
 
 
@@ -79,7 +95,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     rows = load_rows(config)  # before the output folder exists: bad input leaves nothing behind
     output.mkdir(parents=True, exist_ok=True)
     inputs = output / "inputs.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), inputs)
+    pq.write_table(rows_to_table(rows), inputs)
     (output / "eval.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     reports = {}
     for method in config.methods:
@@ -95,7 +111,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             connect_timeout=config.connect_timeout,
             actor_start_timeout=config.actor_start_timeout,
             gpus_per_actor=config.gpus_per_actor,
-            spans="none",  # the benchmark's rows carry their spans (gold or detected)
+            # IFEval's rows carry their spans (gold or detected); a user's own rows are read as generate reads them
+            spans="none" if config.benchmark == "ifeval" or config.spans == "gold" else config.spans,
             score_nll=True,
         )
         reports[method] = generate(run, progress=progress).to_dict()
@@ -119,7 +136,7 @@ def score_runs(output: Path, methods: tuple[str, ...] | list[str]) -> pa.Table:
             if row["status"] != "ok":
                 verdict_strict = verdict_loose = [False] * len(ids)
             else:
-                verdict = score_response(source["prompt"], ids, source["kwargs"], row["completion"])
+                verdict = score_response(user_message(source), ids, source["kwargs"], row["completion"])
                 verdict_strict, verdict_loose = verdict.strict, verdict.loose
             for instruction, strict, loose in zip(ids, verdict_strict, verdict_loose):
                 records.append(

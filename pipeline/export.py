@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from directer.prompts import join_task
 from directer.scoring import score_response
 from pipeline.inputs import InputError
+from pipeline.rows import user_message
 
 FORMATS = ("hf", "jsonl", "parquet")
 SHARD_ROWS = 50_000
@@ -73,20 +73,12 @@ def read_runs(runs: tuple[str, ...]) -> list[dict[str, Any]]:
     return rows
 
 
-def _user_message(row: dict[str, Any]) -> str:
-    if row.get("messages"):
-        return [m["content"] for m in row["messages"] if m["role"] == "user"][-1]
-    if row.get("prompt"):
-        return row["prompt"]
-    return join_task(row["task"], row["instruction"])
-
-
 def _verdict(row: dict[str, Any], loose: bool) -> tuple[bool, list[tuple[str, bool]]] | None:
     """IFEval verdicts of a row that carries checker fields; ``None`` for rows without them."""
     if row.get("instruction_id_list") is None or row.get("kwargs") is None:
         return None
     ids = list(row["instruction_id_list"])
-    verdict = score_response(_user_message(row), ids, row["kwargs"], row["completion"])
+    verdict = score_response(user_message(row), ids, row["kwargs"], row["completion"])
     checks = verdict.loose if loose else verdict.strict
     return all(checks), list(zip(ids, checks))
 
@@ -183,7 +175,7 @@ def _conversation(row: dict[str, Any]) -> list[dict[str, str]]:
     if row.get("messages"):
         asked = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
     else:
-        asked = [{"role": "user", "content": _user_message(row)}]
+        asked = [{"role": "user", "content": user_message(row)}]
     return [*asked, {"role": "assistant", "content": row["completion"]}]
 
 

@@ -86,7 +86,7 @@ def read_ids(sources: list[Source]) -> list[object]:
             continue
         for path in source.paths:
             if source.kind == "json":
-                ids += [row.get("id") for row in map(_json_row, _json_lines(path))]
+                ids += [row.get("id") for row in read_json_rows(path)]
                 continue
             dataset = pads.dataset(path, format="parquet")
             if "id" in dataset.schema.names:
@@ -129,7 +129,12 @@ def read_dataset(sources: list[Source]):
     return first.union(*rest) if rest else first
 
 
-def _json_lines(path: str) -> list[str]:
+def read_json_rows(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file, each line read on its own (see :func:`parse_json_lines`)."""
+    return [_json_row(line) for line in _json_lines(path)]
+
+
+def _json_lines(path: str | Path) -> list[str]:
     with open(path, encoding="utf-8") as handle:
         return [line for line in handle if line.strip()]
 
@@ -155,6 +160,13 @@ def parse_json_lines(batch: pa.Table) -> pa.Table:
             if value is not None and not isinstance(value, str):
                 note.append(f"{name}={type(value).__name__}")
                 row[name] = json.dumps(value)
+    table = rows_to_table(rows)
+    return table.append_column(TYPE_ERRORS, pa.array([",".join(n) or None for n in notes], pa.string()))
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """An Arrow table of every field of any row (``Table.from_pylist`` keeps only the first row's); a
+    field a row lacks is null, and a column whose values disagree in type is kept as JSON text."""
     columns: dict[str, pa.Array] = {}
     for name in dict.fromkeys(key for row in rows for key in row):
         values = [row.get(name) for row in rows]
@@ -162,8 +174,7 @@ def parse_json_lines(batch: pa.Table) -> pa.Table:
             columns[name] = pa.array(values, pa.string() if name in TEXT_FIELDS else None)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
-    columns[TYPE_ERRORS] = pa.array([",".join(n) or None for n in notes], pa.string())
-    return pa.table(columns) if rows else pa.table({TYPE_ERRORS: pa.array([], pa.string())})
+    return pa.table(columns) if columns else pa.table({"id": pa.array([], pa.string())})
 
 
 def normalize_types(batch: pa.Table) -> pa.Table:

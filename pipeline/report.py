@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from directer.pieces import steered_pieces
+from pipeline.rows import user_message
 
 METRICS = ("prompt_strict", "prompt_loose", "inst_strict", "inst_loose")
 METRIC_NAMES = {
@@ -149,6 +150,8 @@ def build_report(output: Path) -> dict[str, Any]:
     generation = json.loads((output / "generation_reports.json").read_text())
     summary = {
         "config": config,
+        # how each row's instruction was given or found (the same for every method)
+        "span_sources": dict(Counter(r["span_source"] for r in runs[methods[-1]] if r["status"] == "ok")),
         "accuracy": accuracy_table(scores, methods),
         "per_instruction": per_instruction(scores, methods),
         "steering": {m: steering_stats(runs[m]) for m in methods if m != "zero-shot"},
@@ -256,7 +259,8 @@ def _markdown(summary: dict, plots: dict[str, Path], methods: list[str]) -> str:
     lines = [
         "# Evaluation report",
         "",
-        f"Benchmark `{config['benchmark']}`, model `{config['model']}`, spans `{config['spans']}`, "
+        f"Benchmark `{config['benchmark']}`, model `{config['model']}`, spans `{config['spans']}` "
+        f"({_span_sources(summary)}), "
         f"{summary['accuracy'][methods[0]]['prompts']} prompts, max new tokens {config['steering']['max_new_tokens']}.",
         "",
         "## Accuracy (difference to zero-shot, 95% paired-bootstrap interval)",
@@ -294,6 +298,12 @@ def _markdown(summary: dict, plots: dict[str, Path], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _span_sources(summary: dict) -> str:
+    """``instruction_spans 40, none 1``: how the rows' instructions were given or found."""
+    counts = summary.get("span_sources", {})
+    return "rows by span source: " + ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -312,6 +322,13 @@ def _highlighted_completion(tokenizer, row: dict) -> str:
         f'<mark title="steered">{html.escape(piece)}</mark>' if changed else html.escape(piece)
         for piece, changed in steered_pieces(tokenizer, steps)
     )
+
+
+def _example_prompt(row: dict) -> str:
+    """The row's user message, its character spans marked where they refer to it."""
+    if row.get("prompt"):
+        return _marked_prompt(row["prompt"], row.get("instruction_spans"))
+    return html.escape(user_message(row))
 
 
 def _marked_prompt(prompt: str, spans: list) -> str:
@@ -355,7 +372,7 @@ def _html(
         source = inputs[row_id]
         examples.append(
             f"<h3>{html.escape(row_id)}</h3>"
-            f"<p class='prompt'>{_marked_prompt(source['prompt'], source.get('instruction_spans'))}</p>"
+            f"<p class='prompt'>{_example_prompt(source)}</p>"
             f"<table class='side'><tr>{''.join(f'<th>{m}</th>' for m in methods)}</tr><tr>{''.join(cells)}</tr></table>"
         )
     steering = "".join(
@@ -376,7 +393,8 @@ mark{{background:#ffd54f}} .span{{background:#cfe8ff;border-bottom:2px solid #3b
 .error{{color:#b00}} .prompt{{background:#f6f6f6;padding:8px}} img{{max-width:100%}}
 </style></head><body>
 <h1>Evaluation: {html.escape(config["benchmark"])}</h1>
-<p>Model <code>{html.escape(config["model"])}</code>, spans <code>{html.escape(config["spans"])}</code>,
+<p>Model <code>{html.escape(config["model"])}</code>, spans <code>{html.escape(config["spans"])}</code>
+({html.escape(_span_sources(summary))}),
 {summary["accuracy"][methods[0]]["prompts"]} prompts, max new tokens {config["steering"]["max_new_tokens"]}.</p>
 <h2>Accuracy</h2><p>Difference to zero-shot with a 95% paired-bootstrap interval.</p>
 <table><tr><th>method</th>{head}</tr>{table}</table>{_image(plots["accuracy"])}

@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from directer.prompts import Prompt, PromptError, SpanMode, check_fits, prompt_from_row
+from directer.prompts import Prompt, PromptError, SpanMode, check_fits, join_task, prompt_from_row
 from pipeline.inputs import READ_ERROR, TYPE_ERRORS
 
 
@@ -16,6 +16,16 @@ class RowError(ValueError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+
+
+def user_message(row: dict[str, Any]) -> str:
+    """The user message a row asks (its last user message, its prompt, or its task and instruction):
+    what IFEval's checkers and a training record read."""
+    if row.get("messages"):
+        return [m["content"] for m in row["messages"] if m["role"] == "user"][-1]
+    if row.get("prompt"):
+        return row["prompt"]
+    return join_task(row["task"], row["instruction"])
 
 
 def row_id(row: dict[str, Any]) -> str | None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
-import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
@@ -14,6 +16,7 @@ from pipeline.evaluate import EvalConfig, evaluate
 from pipeline.report import METRICS, build_report
 
 LIMIT = 6
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,26 +65,35 @@ def test_report_shows_telemetry_quality_and_examples(evaluation):
     assert (output / "report.html").is_file()
 
 
-def test_users_own_rows(tmp_path):
+def test_users_own_rows_in_every_form_are_steered(tmp_path):
     caps, lower = "Answer in all capital letters.", "Use only lowercase letters."
+    checks = {"instruction_id_list": ["change_case:english_capital"], "kwargs": [{}]}
     rows = [
-        {"id": "caps", "prompt": f"Name a fruit. {caps}", "instruction": caps,
-         "instruction_id_list": ["change_case:english_capital"], "kwargs": [{}]},
-        {"id": "lower", "prompt": f"Name a tree. {lower}", "instruction": lower,
+        {"id": "caps", "prompt": f"Name a fruit. {caps}", "instruction": caps, **checks},
+        {"id": "task", "task": "Name a tree.", "instruction": lower,
          "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]},
+        {"id": "chat", "messages": [{"role": "user", "content": f"Name a city. {caps}"}], "instruction": caps,
+         **checks},
+        {"key": 1000, "prompt": f"Name a river. {caps}", **checks},  # IFEval's own format: spans detected
     ]  # fmt: skip
     source = tmp_path / "mine.jsonl"
     source.write_text("\n".join(json.dumps(r) for r in rows))
-    summary = evaluate(
-        EvalConfig(benchmark=str(source), output=str(tmp_path / "out"), methods=("directer",),
-                   steering=SteeringConfig(max_new_tokens=6)),
-        progress=False,
-    )  # fmt: skip
-    assert summary["accuracy"]["directer"]["prompts"] == 2
-    bad = tmp_path / "bad.parquet"
-    pq.write_table(pa.Table.from_pylist([{"id": "x", "prompt": "Hi."}]), bad)
-    from pipeline.inputs import InputError
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "jobs.cli", "eval", str(source), "--methods", "directer", "--spans", "auto",
+               "--max-new-tokens", "6", "--output", str(output)]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steered = {r["id"]: r for r in pads.dataset(str(output / "runs" / "directer" / "data")).to_table().to_pylist()}
+    sources = {"caps": "instruction", "task": "task", "chat": "instruction", "1000": "auto"}
+    assert {i: r["span_source"] for i, r in steered.items()} == sources
+    assert all(r["instruction_tokens"] > 0 for r in steered.values())
+    assert "rows by span source: auto 1, instruction 2, task 1" in (output / "report.md").read_text()
 
-    with pytest.raises(InputError, match="instruction_id_list"):
-        evaluate(EvalConfig(benchmark=str(bad), output=str(tmp_path / "bad")), progress=False)
-    assert not Path(tmp_path / "bad" / "scores.parquet").exists()
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"key": 7, "prompt": "Hi.", "instruction_id_list": []}) + "\n")
+    refused = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "eval", str(missing), "--output", str(tmp_path / "bad")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "row 0 (id '7'): field 'kwargs' is missing" in refused.stderr
+    assert not (tmp_path / "bad").exists()

@@ -73,8 +73,20 @@ LimitOption = Annotated[int | None, typer.Option(help="Only the first N prompts.
 RESUME = "interrupted: the rows written so far are kept; rerun the same command to resume"
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"directer {version('directer')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """Steer language models to follow instructions (Directer: dynamic rejection steering)."""
 
 
@@ -174,7 +186,9 @@ def run(
     table.add_column("zero-shot")
     table.add_column("directer (steered tokens highlighted)")
     table.add_row(Text(results["zero-shot"].text), highlight_steered(steerer.tokenizer, results["directer"]))
-    out.print(Text.assemble("instruction: ", (instruction or "(none)", "bold")))
+    steered = " | ".join(built.text[start:end] for start, end in built.char_spans)
+    label = instruction or (f"{steered} (detected)" if steered else "(none: nothing steered)")
+    out.print(Text.assemble("instruction: ", (label, "bold")))
     out.print(table)
     out.print(_summary_line(results["directer"]), style="dim")
 
@@ -265,6 +279,9 @@ def evaluate(
     actors: Annotated[int | None, typer.Option(help="Model copies (Ray actors); default one per GPU, or one.")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows decoded together by one actor.")] = 16,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor.")] = None,
+    max_trials: MaxTrialsOption = 10,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     address: AddressOption = None,
     connect_timeout: ConnectTimeoutOption = 60.0,
     actor_start_timeout: ActorStartTimeoutOption = 1800.0,
@@ -281,7 +298,8 @@ def evaluate(
             benchmark=benchmark, output=output, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
             data=data, spans=spans, limit=limit, model=model, actors=actors, batch_size=batch_size, address=address,
             gpus_per_actor=gpus_per_actor, connect_timeout=connect_timeout, actor_start_timeout=actor_start_timeout,
-            steering=SteeringConfig(alpha=alpha, beta=beta, max_new_tokens=max_new_tokens),
+            device=device, dtype=dtype,
+            steering=SteeringConfig(alpha=alpha, beta=beta, max_trials=max_trials, max_new_tokens=max_new_tokens),
         )  # fmt: skip
         _quiet_transformers()
         with _interruptible(RESUME):

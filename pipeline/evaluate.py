@@ -45,6 +45,8 @@ class EvalConfig:
     gpus_per_actor: float | None = None
     connect_timeout: float = 60.0
     actor_start_timeout: float = 1800.0
+    device: str | None = None
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - {"zero-shot", "directer"}
@@ -109,6 +111,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             ranking_cache=str(output / "ranking_cache"),
             address=config.address,
             connect_timeout=config.connect_timeout,
+            device=config.device,
+            dtype=config.dtype,
             actor_start_timeout=config.actor_start_timeout,
             gpus_per_actor=config.gpus_per_actor,
             # IFEval's rows carry their spans (gold or detected); a user's own rows are read as generate reads them

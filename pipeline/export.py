@@ -147,10 +147,11 @@ def export(config: ExportConfig, command: str | None = None) -> ExportReport:
             for instruction, ok in verdict[1] if verdict else []:
                 per_type[instruction].append(ok)
         report.pass_rates = {k: {"rows": len(v), "pass_rate": sum(v) / len(v)} for k, v in sorted(per_type.items())}
-        keep(
-            f"verified ({'loose' if config.loose else 'strict'})",
-            lambda r: verdicts[id(r)] is None or verdicts[id(r)][0],
-        )
+        unchecked = sum(verdict is None for verdict in verdicts.values())
+        label = f"verified ({'loose' if config.loose else 'strict'})"
+        if unchecked:
+            label += f", and {unchecked} rows without checker fields kept unverified"
+        keep(label, lambda r: verdicts[id(r)] is None or verdicts[id(r)][0])
     if config.best_of:
         best: dict[str, dict[str, Any]] = {}
         for row in rows:

@@ -61,3 +61,12 @@ def test_eval_of_a_missing_file_leaves_no_output_folder(tmp_path):
     result = directer("eval", str(tmp_path / "nofile.jsonl"), "--output", str(tmp_path / "eval"))
     fails_with(result, "nofile.jsonl")
     assert not (tmp_path / "eval").exists()
+
+
+def test_version_and_eval_options():
+    from importlib.metadata import version
+
+    assert directer("--version").stdout.strip() == f"directer {version('directer')}"
+    help_text = directer("eval", "--help").stdout
+    for option in ("--device", "--dtype", "--max-trials", "--connect-timeout", "--actor-start-timeout"):
+        assert option in help_text

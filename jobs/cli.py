@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -18,11 +19,20 @@ from rich.text import Text
 from directer.config import SteeringConfig
 from jobs.signals import Interrupted, stop_on_signals
 
+
+class Command(typer.core.TyperCommand):
+    """Usage lines as other tools write them: ``run [OPTIONS] PROMPT``, not ``{PROMPT}``."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [re.sub(r"^\{(.*)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
+
+
 app = typer.Typer(
     name="directer",
     help="Steer language models to follow instructions (Directer: dynamic rejection steering).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 console = Console(stderr=True)
 
@@ -81,7 +91,7 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(epilog='Example: directer run "Describe Paris. Use two sentences." -i "Use two sentences." --compare')
 def main(
     version: Annotated[
         bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
@@ -113,9 +123,9 @@ def _interruptible(message: str) -> Iterator[None]:
         raise typer.Exit(code=stop.exit_code) from None
 
 
-@app.command()
+@app.command(cls=Command)
 def run(
-    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="The user message.")],
     instruction: Annotated[
         str | None,
         typer.Option(
@@ -138,7 +148,13 @@ def run(
     dtype: DtypeOption = None,
     trust_remote_code: TrustOption = False,
 ) -> None:
-    """Steer one prompt and print the completion."""
+    """Steer one prompt and print the completion.
+
+    \b
+    Example:
+      directer run "Write a haiku about the sea. Answer in all capital letters." \\
+          -i "Answer in all capital letters." --compare
+    """
     from directer import Directer, ModelNotFoundError, SpanError
 
     try:
@@ -193,9 +209,11 @@ def run(
     out.print(_summary_line(results["directer"]), style="dim")
 
 
-@app.command()
+@app.command(cls=Command, short_help="Run Directer over a dataset (Ray), resumable.")
 def generate(
-    inputs: Annotated[list[str], typer.Argument(help="Parquet/JSONL files, folders, globs, or datasets folders.")],
+    inputs: Annotated[
+        list[str], typer.Argument(metavar="INPUT", help="Parquet/JSONL files, folders, globs, or datasets folders.")
+    ],
     output: Annotated[str, typer.Option("--output", "-o", help="Output folder (data/*.parquet, run.json).")],
     model: ModelOption = "smollm2-135m",
     method: Annotated[str, typer.Option(help="directer or zero-shot.")] = "directer",
@@ -229,7 +247,12 @@ def generate(
     dtype: DtypeOption = None,
     trust_remote_code: TrustOption = False,
 ) -> None:
-    """Run Directer over a dataset with a Ray actor pool; one output row per input row, resumable."""
+    """Run Directer over a dataset with a Ray actor pool; one output row per input row, resumable.
+
+    \b
+    Example:
+      directer generate examples/sample_prompts.jsonl --output runs/sample --max-new-tokens 96
+    """
     from directer.models import ModelNotFoundError
     from pipeline.cluster import ClusterError
     from pipeline.config import GenerateConfig
@@ -258,9 +281,11 @@ def generate(
         print_examples(config, examples)
 
 
-@app.command("eval")
+@app.command("eval", cls=Command, short_help="Generate, score with IFEval's checkers, report.")
 def evaluate(
-    benchmark: Annotated[str, typer.Argument(help="ifeval, or a Parquet/JSONL file of IFEval-style rows.")] = "ifeval",
+    benchmark: Annotated[
+        str, typer.Argument(metavar="BENCHMARK", help="ifeval, or a Parquet/JSONL file of IFEval-style rows.")
+    ] = "ifeval",
     output: Annotated[str, typer.Option("--output", "-o", help="Output folder.")] = "runs/eval",
     methods: Annotated[str, typer.Option(help="Comma-separated: zero-shot, directer.")] = "zero-shot,directer",
     data: Annotated[str | None, typer.Option(help="IFEval input_data.jsonl; default the packaged copy.")] = None,
@@ -286,7 +311,12 @@ def evaluate(
     connect_timeout: ConnectTimeoutOption = 60.0,
     actor_start_timeout: ActorStartTimeoutOption = 1800.0,
 ) -> None:
-    """Generate with each method, score with IFEval's checkers, write scores, summary and reports."""
+    """Generate with each method, score with IFEval's checkers, write scores, summary and reports.
+
+    \b
+    Example:
+      directer eval ifeval --methods zero-shot,directer --limit 50 --output runs/eval
+    """
     from directer.models import ModelNotFoundError
     from pipeline.cluster import ClusterError
     from pipeline.evaluate import EvalConfig
@@ -309,9 +339,14 @@ def evaluate(
     print_accuracy(summary, output)
 
 
-@app.command()
-def report(run_dir: Annotated[str, typer.Argument(help="A directer eval output folder.")]) -> None:
-    """Rebuild summary.json, the plots, report.md and report.html of an evaluation."""
+@app.command(cls=Command, short_help="Rebuild an evaluation's reports.")
+def report(run_dir: Annotated[str, typer.Argument(metavar="EVAL_DIR", help="A directer eval output folder.")]) -> None:
+    """Rebuild summary.json, the plots, report.md and report.html of an evaluation.
+
+    \b
+    Example:
+      directer report runs/eval
+    """
     from pipeline.report import build_report
 
     if not Path(run_dir).is_dir():
@@ -335,7 +370,7 @@ def print_accuracy(summary: dict, output: str) -> None:
     Console().print(table)
 
 
-@app.command()
+@app.command(cls=Command, short_help="Speed and memory, side by side.")
 def bench(
     prompts: Annotated[int, typer.Option(help="IFEval prompts to decode (gold spans).")] = 16,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated; 1 and one larger size.")] = "1,16",
@@ -348,7 +383,12 @@ def bench(
     dtype: DtypeOption = None,
 ) -> None:
     """Tokens/s and peak memory of transformers' generate, the engine (zero-shot and Directer), the plain
-    reference implementation and the pipeline, side by side in one process."""
+    reference implementation and the pipeline, side by side in one process.
+
+    \b
+    Example:
+      directer bench --prompts 16 --max-new-tokens 64 --json
+    """
     from pipeline.benchmark import run_benchmark, to_json
 
     sizes = tuple(int(size) for size in batch_sizes.split(","))
@@ -371,9 +411,12 @@ def bench(
     Console().print(table)
 
 
-@app.command()
+@app.command(cls=Command, short_help="Build a training set from generate outputs.")
 def export(
-    runs: Annotated[list[str], typer.Argument(help="directer generate output folders (several with --best-of).")],
+    runs: Annotated[
+        list[str],
+        typer.Argument(metavar="RUN_DIR", help="directer generate output folders (several with --best-of)."),
+    ],
     output: Annotated[str, typer.Option("--output", "-o", help="Folder for the training set and its card.")],
     format: Annotated[str, typer.Option("--format", help="hf (save_to_disk), jsonl or parquet.")] = "hf",
     verify: Annotated[bool, typer.Option("--verify", help="Keep rows whose IFEval checkers pass.")] = False,
@@ -387,7 +430,12 @@ def export(
         bool, typer.Option("--best-of", help="Per prompt, the verified completion with lowest NLL.")
     ] = False,
 ) -> None:
-    """Build a training set of chat records from generate outputs: verify, filter, dedupe, export."""
+    """Build a training set of chat records from generate outputs: verify, filter, dedupe, export.
+
+    \b
+    Example:
+      directer export runs/steered --output train --verify --dedupe --require-finish eos
+    """
     from pipeline.export import ExportConfig, current_command
     from pipeline.export import export as run_export
     from pipeline.inputs import InputError
@@ -409,7 +457,7 @@ def export(
     Console().print(table)
 
 
-@app.command("ifeval")
+@app.command("ifeval", cls=Command)
 def ifeval_rows(
     output: Annotated[str, typer.Option("--output", "-o", help="File to write the input rows to: .parquet or .jsonl.")],
     data: Annotated[str | None, typer.Option(help="IFEval input_data.jsonl; default the packaged copy.")] = None,
@@ -418,7 +466,9 @@ def ifeval_rows(
 ) -> None:
     """Write IFEval's prompts as input rows for directer generate.
 
-    Example: directer ifeval --output prompts.parquet --spans auto
+    \b
+    Example:
+      directer ifeval --output prompts.parquet --spans auto
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -443,9 +493,9 @@ def ifeval_rows(
     Console().print(f"{len(rows)} IFEval rows ({steered} with spans, {spans}) -> {output}")
 
 
-@app.command(context_settings={"ignore_unknown_options": True})
+@app.command(cls=Command, context_settings={"ignore_unknown_options": True})
 def submit(
-    command: Annotated[list[str], typer.Argument(help="The directer command to run, after --.")],
+    command: Annotated[list[str], typer.Argument(metavar="-- COMMAND", help="The directer command to run, after --.")],
     address: DashboardOption = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to end.")] = False,
     follow: Annotated[bool, typer.Option("--follow", help="Stream the job's logs until it ends.")] = False,
@@ -453,7 +503,11 @@ def submit(
     env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE set in the job's environment (repeatable).")] = None,
     pip: Annotated[list[str] | None, typer.Option(help="Extra pip requirement for the job (repeatable).")] = None,
 ) -> None:
-    """Submit a directer command as a Ray job, e.g. directer submit --wait -- generate data/ --output /shared/out.
+    """Submit a directer command as a Ray job.
+
+    \b
+    Example:
+      directer submit --wait -- generate s3://bucket/prompts/ --output s3://bucket/out
 
     When the job server asks for a token, it is read from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
     ~/.ray/auth_token (ray get-auth-token). Ctrl-C while waiting detaches; the job keeps running.
@@ -490,13 +544,22 @@ def submit(
         raise typer.Exit(code=1)
 
 
-jobs_app = typer.Typer(help="Follow and control submitted Ray jobs.", no_args_is_help=True)
+jobs_app = typer.Typer(
+    help="Follow and control submitted Ray jobs.\n\n\b\nExample:\n  directer jobs status raysubmit_XXXX",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 app.add_typer(jobs_app, name="jobs")
 
 
-@jobs_app.command("status")
+@jobs_app.command("status", cls=Command)
 def job_status(job_id: str, address: DashboardOption = None) -> None:
-    """Print the job's status."""
+    """Print the job's status.
+
+    \b
+    Example:
+      directer jobs status raysubmit_XXXX --address http://127.0.0.1:8265
+    """
     from jobs import submit as jobs
 
     try:
@@ -505,14 +568,19 @@ def job_status(job_id: str, address: DashboardOption = None) -> None:
         raise _fail(str(error)) from None
 
 
-@jobs_app.command("logs")
+@jobs_app.command("logs", cls=Command)
 def job_logs(
     job_id: str,
     address: DashboardOption = None,
     follow: Annotated[bool, typer.Option("--follow", help="Stream until the job ends.")] = False,
     unreachable_timeout: UnreachableOption = 120.0,
 ) -> None:
-    """Print the job's logs."""
+    """Print the job's logs.
+
+    \b
+    Example:
+      directer jobs logs raysubmit_XXXX --follow
+    """
     from jobs import submit as jobs
 
     try:
@@ -525,9 +593,14 @@ def job_logs(
         raise _fail(str(error)) from None
 
 
-@jobs_app.command("stop")
+@jobs_app.command("stop", cls=Command)
 def job_stop(job_id: str, address: DashboardOption = None) -> None:
-    """Stop the job."""
+    """Stop the job.
+
+    \b
+    Example:
+      directer jobs stop raysubmit_XXXX
+    """
     from jobs import submit as jobs
 
     try:

@@ -70,3 +70,23 @@ def test_version_and_eval_options():
     help_text = directer("eval", "--help").stdout
     for option in ("--device", "--dtype", "--max-trials", "--connect-timeout", "--actor-start-timeout"):
         assert option in help_text
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["run"], ["generate"], ["eval"], ["report"], ["bench"], ["export"], ["ifeval"], ["submit"], ["jobs"],
+     ["jobs", "status"], ["jobs", "logs"], ["jobs", "stop"]],
+)  # fmt: skip
+def test_every_help_has_an_example_and_nothing_cut_off(command):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    result = CliRunner().invoke(app, [*command, "--help"], prog_name="directer", terminal_width=80)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "Example" in text
+    shortened = [line for line in text.splitlines() if line.endswith("...") and not line.startswith("Usage:")]
+    assert "…" not in text and not shortened
+    assert "<bool>" not in text and "{" not in text.splitlines()[0]
+    assert max(len(line) for line in text.splitlines()) <= 100

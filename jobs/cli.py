@@ -80,6 +80,9 @@ UnreachableOption = Annotated[
     typer.Option(help="Seconds to keep retrying a job server that stopped answering before giving up.", min=1),
 ]
 LimitOption = Annotated[int | None, typer.Option(help="Only the first N prompts.", min=1)]
+RayLogsOption = Annotated[
+    bool, typer.Option("--ray-logs", help="Show Ray's own log lines, per-operator bars and the workers' output.")
+]
 RESUME = "interrupted: the rows written so far are kept; rerun the same command to resume"
 
 
@@ -238,6 +241,7 @@ def generate(
     address: AddressOption = None,
     connect_timeout: ConnectTimeoutOption = 60.0,
     actor_start_timeout: ActorStartTimeoutOption = 1800.0,
+    ray_logs: RayLogsOption = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over instead of resuming.")] = False,
     score_nll: Annotated[
         bool, typer.Option("--score-nll", help="Store each completion's mean NLL under the unsteered model.")
@@ -269,7 +273,7 @@ def generate(
             gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
             ranking_cache=ranking_cache, spans=spans, score_nll=score_nll,
             address=address, connect_timeout=connect_timeout, actor_start_timeout=actor_start_timeout,
-            overwrite=overwrite, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+            ray_logs=ray_logs, overwrite=overwrite, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         )  # fmt: skip
         _quiet_transformers()
         with _interruptible(RESUME):
@@ -310,6 +314,7 @@ def evaluate(
     address: AddressOption = None,
     connect_timeout: ConnectTimeoutOption = 60.0,
     actor_start_timeout: ActorStartTimeoutOption = 1800.0,
+    ray_logs: RayLogsOption = False,
 ) -> None:
     """Generate with each method, score with IFEval's checkers, write scores, summary and reports.
 
@@ -328,7 +333,7 @@ def evaluate(
             benchmark=benchmark, output=output, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
             data=data, spans=spans, limit=limit, model=model, actors=actors, batch_size=batch_size, address=address,
             gpus_per_actor=gpus_per_actor, connect_timeout=connect_timeout, actor_start_timeout=actor_start_timeout,
-            device=device, dtype=dtype,
+            device=device, dtype=dtype, ray_logs=ray_logs,
             steering=SteeringConfig(alpha=alpha, beta=beta, max_trials=max_trials, max_new_tokens=max_new_tokens),
         )  # fmt: skip
         _quiet_transformers()

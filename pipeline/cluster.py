@@ -17,6 +17,7 @@ it, joining a cluster sends it (a cluster without authentication ignores it).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -85,9 +86,14 @@ def wait_for_cluster(address: str, timeout: float) -> None:
             ) from None
 
 
-def init_ray(address: str | None, connect_timeout: float = 60.0) -> None:
-    """Join the cluster at ``address`` or ``$RAY_ADDRESS``, else start a local Ray."""
+def init_ray(address: str | None, connect_timeout: float = 60.0, ray_logs: bool = False) -> None:
+    """Join the cluster at ``address`` or ``$RAY_ADDRESS``, else start a local Ray. Without ``ray_logs``
+    only Ray's warnings and errors reach the screen (not its INFO lines, nor the workers' own output)."""
     import ray
+
+    logs = {"log_to_driver": ray_logs, "logging_level": logging.INFO if ray_logs else logging.WARNING}
+    if not ray_logs:  # Ray's notice that token authentication is on for a local Ray, as it should be
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
 
     if ray.is_initialized():
         return
@@ -99,13 +105,13 @@ def init_ray(address: str | None, connect_timeout: float = 60.0) -> None:
         if AUTH_MODE not in os.environ and find_token():
             _send_token()
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, **logs)
         except ConnectionError as error:
             raise ClusterError(
                 f"could not join the Ray cluster at {address}: {error}; if it uses token authentication, {TOKEN_HELP}"
             ) from None
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False, **logs)
     if caller_handler is not None:
         # ray.init replaces the SIGTERM handler with sys.exit; keep the caller's (the CLI stops cleanly)
         signal.signal(signal.SIGTERM, caller_handler)

@@ -25,6 +25,7 @@ class GenerateConfig:
     connect_timeout: seconds to wait for the cluster at ``address`` to answer.
     actor_start_timeout: seconds to wait for the model actors to start (placed and model loaded); the
         default covers an autoscaler starting GPU nodes and a large model's download.
+    ray_logs: show Ray's INFO lines, its per-operator progress bars and the workers' output.
     """
 
     inputs: tuple[str, ...]
@@ -42,6 +43,7 @@ class GenerateConfig:
     address: str | None = None
     connect_timeout: float = 60.0
     actor_start_timeout: float = 1800.0
+    ray_logs: bool = False
     overwrite: bool = False
     device: str | None = None
     dtype: str | None = None

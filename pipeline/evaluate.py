@@ -47,6 +47,7 @@ class EvalConfig:
     actor_start_timeout: float = 1800.0
     device: str | None = None
     dtype: str | None = None
+    ray_logs: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - {"zero-shot", "directer"}
@@ -113,6 +114,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             connect_timeout=config.connect_timeout,
             device=config.device,
             dtype=config.dtype,
+            ray_logs=config.ray_logs,
             actor_start_timeout=config.actor_start_timeout,
             gpus_per_actor=config.gpus_per_actor,
             # IFEval's rows carry their spans (gold or detected); a user's own rows are read as generate reads them

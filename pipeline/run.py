@@ -8,6 +8,7 @@ its rankings do not depend on the run).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -119,9 +120,13 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     import ray
     import ray.data
 
-    init_ray(config.address, config.connect_timeout)
+    init_ray(config.address, config.connect_timeout, config.ray_logs)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
+    # one bar for the run; Ray Data's bar per operator and its INFO lines with --ray-logs
+    context.enable_operator_progress_bars = config.ray_logs
+    context.print_on_execution_start = config.ray_logs
+    logging.getLogger("ray.data").setLevel(logging.INFO if config.ray_logs else logging.ERROR)
     # a block of long generations on a slow device can legitimately take longer than Ray Data's
     # no-progress timeout (which would abort the run); blocks are kept small instead
     context.execution_no_progress_timeout_s = -1

@@ -91,12 +91,11 @@ def init_ray(address: str | None, connect_timeout: float = 60.0, ray_logs: bool 
     only Ray's warnings and errors reach the screen (not its INFO lines, nor the workers' own output)."""
     import ray
 
+    if ray.is_initialized():
+        return
     logs = {"log_to_driver": ray_logs, "logging_level": logging.INFO if ray_logs else logging.WARNING}
     if not ray_logs:  # Ray's notice that token authentication is on for a local Ray, as it should be
         logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-
-    if ray.is_initialized():
-        return
     address = address or os.environ.get("RAY_ADDRESS") or None
     main_thread = threading.current_thread() is threading.main_thread()
     caller_handler = signal.getsignal(signal.SIGTERM) if main_thread else None

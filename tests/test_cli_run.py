@@ -41,6 +41,14 @@ def test_run_compare_shows_both_methods():
     assert "zero-shot" in result.stdout and "directer" in result.stdout and "steps:" in result.stdout
 
 
+def test_run_compare_names_a_detected_instruction():
+    prompt = "Tell me about Mars. Your answer must contain exactly 3 bullet points."
+    result = directer("run", prompt, "--compare", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    shown = " ".join(result.stdout.split())
+    assert "instruction: Your answer must contain exactly 3 bullet points. (detected)" in shown
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -52,5 +52,6 @@ def test_mixed_forms_in_one_jsonl_file(tmp_path):
     records = {r["source_id"]: r for r in map(json.loads, (tmp_path / "train" / "train.jsonl").open())}
     assert records["chat"]["messages"][:2] == ROWS[3]["messages"]
     assert records["chat"]["messages"][2]["role"] == "assistant"
-    export(ExportConfig(runs=(str(output),), output=str(tmp_path / "train"), format="parquet"))
+    report = export(ExportConfig(runs=(str(output),), output=str(tmp_path / "train"), format="parquet", verify=True))
+    assert report.counts[-1] == ("verified (strict), and 4 rows without checker fields kept unverified", 4)
     assert not (tmp_path / "train" / "train.jsonl").exists()  # the earlier export is gone, not left beside

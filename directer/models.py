@@ -133,6 +133,7 @@ def _device(name: str) -> torch.device:
         "cpu": lambda: True,
         "cuda": torch.cuda.is_available,
         "mps": lambda: torch.backends.mps.is_available(),
+        "meta": lambda: True,  # shapes only: model sizes without weights
     }
     if device.type not in available:
         raise ValueError(f"device {name!r} is not supported: use cpu, cuda, cuda:N or mps")

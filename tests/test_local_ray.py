@@ -23,6 +23,16 @@ def rows_written(output: Path) -> list[dict]:
     return pads.dataset(files, format="parquet").to_table(columns=["id", "status"]).to_pylist() if files else []
 
 
+def stops_within_seconds(run: subprocess.Popen, signum: int) -> None:
+    """``signum`` ends the command within seconds, saying how to resume, with exit status 128 + signum."""
+    run.send_signal(signum)
+    sent = time.monotonic()
+    _, stderr = run.communicate(timeout=60)
+    assert time.monotonic() - sent < 15
+    assert run.returncode == 128 + signum, stderr[-3000:]
+    assert "rerun the same command to resume" in stderr
+
+
 def test_a_stale_cluster_file_does_not_stop_a_local_run(tmp_path):
     env = local_environment(tmp_path)
     # what a head killed without `ray stop` leaves behind: its address, where nothing answers any more
@@ -60,12 +70,7 @@ def test_sigterm_mid_run_stops_within_seconds_and_a_rerun_resumes(tmp_path):
     while not rows_written(output) and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert run.poll() is None, "the run ended before the first block was written"
-    run.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
-    _, stderr = run.communicate(timeout=60)
-    assert time.monotonic() - sent < 15
-    assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "rerun the same command to resume" in stderr
+    stops_within_seconds(run, signal.SIGTERM)
     done = rows_written(output)
     assert 0 < len(done) < 6
 
@@ -85,9 +90,4 @@ def test_sigint_during_start_up_stops_eval_within_seconds(tmp_path):
     deadline = time.monotonic() + 120
     while not (tmp_path / "eval" / "inputs.parquet").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
-    run.send_signal(signal.SIGINT)
-    sent = time.monotonic()
-    _, stderr = run.communicate(timeout=60)
-    assert time.monotonic() - sent < 15
-    assert run.returncode == 128 + signal.SIGINT, stderr[-3000:]
-    assert "rerun the same command to resume" in stderr
+    stops_within_seconds(run, signal.SIGINT)

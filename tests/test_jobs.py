@@ -8,6 +8,7 @@ and a temporary ``HOME`` and temp folder, and are stopped by killing their proce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -77,13 +78,19 @@ class Head:
             time.sleep(2)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        """SIGTERM to the whole process group, SIGKILL to what is left after 10 s. The group, not the
+        ``ray start`` process alone: that process can exit (when one of its children dies) and leave
+        the GCS and the raylet running."""
+        group = self.process.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                self.process.poll()  # reap the leader, so that an exited one does not count
+                os.killpg(group, 0)  # raises once no process of the group is left
+                time.sleep(0.5)
+            os.killpg(group, signal.SIGKILL)
+        self.process.wait()
         self.log.close()
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pipeline.cluster import actor_start_error, init_ray
+from pipeline.cluster import ClusterError, actor_start_error, init_ray
 from pipeline.config import GenerateConfig
 from pipeline.inputs import duplicate_ids, output_ids, read_dataset, read_ids, resolve_inputs
 from pipeline.stage import GenerateStage
@@ -126,7 +126,8 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     # one bar for the run; Ray Data's bar per operator and its INFO lines with --ray-logs
     context.enable_operator_progress_bars = config.ray_logs
     context.print_on_execution_start = config.ray_logs
-    logging.getLogger("ray.data").setLevel(logging.INFO if config.ray_logs else logging.ERROR)
+    # (its errors come back as exceptions, which the command words itself)
+    logging.getLogger("ray.data").setLevel(logging.INFO if config.ray_logs else logging.CRITICAL)
     # a block of long generations on a slow device can legitimately take longer than Ray Data's
     # no-progress timeout (which would abort the run); blocks are kept small instead
     context.execution_no_progress_timeout_s = -1
@@ -165,6 +166,12 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
             raise actor_start_error(
                 config.cpus_per_actor, config.gpus_per_actor, config.actors, config.actor_start_timeout
             ) from None
+        except ray.exceptions.ActorDiedError as error:
+            if "creation task" not in str(error):
+                raise
+            # the model copy could not be built (a bad --device, a model that does not load): its own error
+            cause = [line for line in str(error).splitlines() if line.strip()][-1]
+            raise ClusterError(f"the model actors could not start: {cause}") from None
         report.seconds["pipeline"] = time.perf_counter() - run_started
     new_files = sorted(set(config.data_dir.glob("*.parquet")) - before)
     _summarise(report, new_files)

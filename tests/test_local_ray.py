@@ -62,6 +62,18 @@ def test_actors_that_cannot_start_fail_within_the_bound(tmp_path):
     assert "1 GPU" in message and "GPU 0" in message and "--actor-start-timeout" in message
 
 
+def test_actors_that_fail_to_load_the_model_say_why(tmp_path):
+    inputs = write_rows(tmp_path / "in.jsonl", 1)
+    result = cli("generate", str(inputs), "--output", str(tmp_path / "out"), "--device", "cuda",
+                 env=local_environment(tmp_path), timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the model actors could not start: ValueError: device 'cuda': torch sees no cuda device on this "
+        "machine; use --device cpu"
+    )
+
+
 def test_sigterm_mid_run_stops_within_seconds_and_a_rerun_resumes(tmp_path):
     env = local_environment(tmp_path)
     output = tmp_path / "out"

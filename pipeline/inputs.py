@@ -106,7 +106,7 @@ def read_dataset(sources: list[Source]):
     """One Ray dataset over every source."""
     import ray.data
 
-    datasets = []
+    typed, datasets = [], []  # typed: text fields as their files typed them, for normalize_types
     for source in sources:
         if source.kind == "parquet":
             # files whose schemas differ (a column typed int in one shard) are read apart; the engine
@@ -114,7 +114,7 @@ def read_dataset(sources: list[Source]):
             by_schema: dict[str, list[str]] = {}
             for path in source.paths:
                 by_schema.setdefault(pq.read_schema(path).remove_metadata().to_string(), []).append(path)
-            datasets += [ray.data.read_parquet(paths) for paths in by_schema.values()]
+            typed += [ray.data.read_parquet(paths) for paths in by_schema.values()]
         elif source.kind == "json":
             # each line parsed on its own: rows of different forms keep only their own fields
             lines = ray.data.read_text(list(source.paths), drop_empty_lines=True)
@@ -122,9 +122,9 @@ def read_dataset(sources: list[Source]):
         else:
             import datasets as hf_datasets
 
-            datasets.append(ray.data.from_huggingface(hf_datasets.load_from_disk(source.paths[0])))
-    # one schema for the known fields, and Arrow blocks (JSON of mixed shapes can come back as pandas)
-    datasets = [dataset.map_batches(normalize_types, batch_format="pyarrow") for dataset in datasets]
+            typed.append(ray.data.from_huggingface(hf_datasets.load_from_disk(source.paths[0])))
+    # one schema for the known fields (parse_json_lines already writes JSON rows so)
+    datasets += [dataset.map_batches(normalize_types, batch_format="pyarrow") for dataset in typed]
     first, *rest = datasets
     return first.union(*rest) if rest else first
 
@@ -151,7 +151,8 @@ def _json_row(line: str) -> dict:
 def parse_json_lines(batch: pa.Table) -> pa.Table:
     """Arrow rows from JSON-lines text. A field a row lacks stays null (not NaN), a column keeps its Arrow
     type (lists stay lists), and a column whose values disagree in type is kept as JSON text; a text
-    field of the wrong type is written as text and noted for :func:`normalize_types`'s error row."""
+    field of the wrong type is written as text and noted in ``TYPE_ERRORS``, as :func:`normalize_types`
+    does for typed files."""
     rows = [_json_row(line) for line in batch.column("text").to_pylist() if line.strip()]
     notes: list[list[str]] = [[] for _ in rows]
     for row, note in zip(rows, notes):
@@ -193,9 +194,6 @@ def normalize_types(batch: pa.Table) -> pa.Table:
                 notes[row].append(f"{name}={type(value).__name__}")
         text = [None if v is None else json.dumps(v) for v in values]
         batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(text, pa.string()))
-    if TYPE_ERRORS in batch.column_names:  # notes taken while parsing JSON lines
-        for row, earlier in enumerate(batch.column(TYPE_ERRORS).to_pylist()):
-            notes[row] = [*(earlier.split(",") if earlier else []), *notes[row]]
     column = pa.array([",".join(n) or None for n in notes], pa.string())
     if TYPE_ERRORS in batch.column_names:
         return batch.set_column(batch.schema.get_field_index(TYPE_ERRORS), TYPE_ERRORS, column)

@@ -81,6 +81,10 @@ def client(address: str | None = None) -> JobSubmissionClient:
         raise JobServerError(f"the Ray job server at {address} refused the token from {where}: {TOKEN_HELP}") from None
 
 
+def _no_answer(address: str | None, error: BaseException) -> JobServerError:
+    return JobServerError(f"the job server at {job_server_address(address)} did not answer: {_first_line(error)}")
+
+
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
@@ -110,7 +114,7 @@ def submit(
         try:
             return jobs.submit_job(entrypoint=entrypoint(arguments), runtime_env=runtime_env)
         except UNREACHABLE as error:
-            raise JobServerError(f"the job server at {job_server_address(address)} did not answer: {error}") from None
+            raise _no_answer(address, error) from None
         except RuntimeError as error:
             # a cluster that has just started answers before its job agent is up
             if "No available agent" not in str(error) or time.monotonic() > deadline:
@@ -192,8 +196,6 @@ def _ask(job_id: str, address: str | None, request):
     try:
         return request(jobs)
     except UNREACHABLE as error:
-        raise JobServerError(
-            f"the job server at {job_server_address(address)} did not answer: {_first_line(error)}"
-        ) from None
+        raise _no_answer(address, error) from None
     except RuntimeError as error:  # Ray's client: "Request failed with status code 404: Job ... does not exist"
         raise JobServerError(f"job {job_id}: {_first_line(error)}") from None

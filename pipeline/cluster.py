@@ -17,10 +17,13 @@ it, joining a cluster sends it (a cluster without authentication ignores it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -142,3 +145,48 @@ def actor_start_error(cpus: float, gpus: float, actors: int, timeout: float) -> 
         "Lower --gpus-per-actor or --actors, add nodes, or, on an autoscaling cluster still starting its GPU nodes "
         "or loading a large model, raise --actor-start-timeout"
     )
+
+
+# Ray Data passes its actors' constructor arguments by reference and restarts dead actors (which a long
+# run wants), so Ray's core worker logs this error, on stderr and in the driver's log file, for every
+# actor it starts: https://github.com/ray-project/ray/issues/53727. The only switch,
+# RAY_BACKEND_LOG_LEVEL, would hide every native error and prints a line of its own.
+RESTART_WARNING = b"has constructor arguments in the object store and max_restarts > 0"
+
+
+@contextlib.contextmanager
+def hide_native_lines(*patterns: bytes) -> Iterator[None]:
+    """While inside, drop the lines written to file descriptor 2 that contain one of ``patterns``.
+
+    Native code (Ray's core worker) writes there directly, past Python's ``sys.stderr``. Everything
+    else passes through as it comes: a partial line (a progress bar's ``\\r`` update) is held back only
+    while it could still become a native log line (``[time level pid] file:line: ...``).
+    """
+    sys.stderr.flush()
+    screen = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        pending = b""
+        with contextlib.suppress(OSError), open(screen, "wb", buffering=0, closefd=False) as out:
+            while chunk := os.read(read_end, 65536):
+                *lines, pending = (pending + chunk).split(b"\n")
+                kept = b"".join(line + b"\n" for line in lines if not any(p in line for p in patterns))
+                if pending and not pending.startswith(b"["):
+                    kept, pending = kept + pending, b""
+                while kept:
+                    kept = kept[out.write(kept) :]
+            out.write(pending)
+
+    thread = threading.Thread(target=forward, name="hide-native-lines", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(screen, 2)  # closes the pipe's last writer: the thread reads its end and stops
+        thread.join(timeout=5)
+        os.close(screen)
+        os.close(read_end)

@@ -7,6 +7,7 @@ its rankings do not depend on the run).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pipeline.cluster import ClusterError, actor_start_error, init_ray
+from pipeline.cluster import RESTART_WARNING, ClusterError, actor_start_error, hide_native_lines, init_ray
 from pipeline.config import GenerateConfig
 from pipeline.inputs import duplicate_ids, output_ids, read_dataset, read_ids, resolve_inputs
 from pipeline.stage import GenerateStage
@@ -158,8 +159,10 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
             num_gpus=config.gpus_per_actor,
         )
         run_started = time.perf_counter()
+        quiet = contextlib.nullcontext() if config.ray_logs else hide_native_lines(RESTART_WARNING)
         try:
-            dataset.write_parquet(str(config.data_dir))
+            with quiet:
+                dataset.write_parquet(str(config.data_dir))
         except ray.exceptions.GetTimeoutError as error:
             if "starting actors" not in str(error):
                 raise

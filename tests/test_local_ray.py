@@ -14,6 +14,8 @@ import pyarrow.dataset as pads
 from test_jobs import CLI, ROOT, cli, free_port, user_environment, write_rows
 
 RAY_INFO = re.compile(r"\sINFO\s")  # a line of Ray's log: "2026-12-02 00:54:09,143\tINFO dataset.py:..."
+# a line of Ray's native log: "[2026-12-02 04:00:27,305 E 28175 28175] core_worker.cc:2465: Actor ..."
+RAY_NATIVE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\]", re.MULTILINE)
 
 
 def local_environment(home: Path) -> dict[str, str]:
@@ -49,6 +51,7 @@ def test_a_stale_cluster_file_does_not_stop_a_local_run(tmp_path):
     assert sorted(r["id"] for r in rows_written(tmp_path / "out")) == ["row-0", "row-1"]
     # the screen holds our summary, not Ray's log (that takes --ray-logs)
     assert not RAY_INFO.search(result.stderr) and "will hang" not in result.stderr, result.stderr
+    assert not RAY_NATIVE.search(result.stderr), result.stderr  # not even "... max_restarts > 0 ..."
     assert "2 written (2 ok, 0 error)" in result.stdout
 
 

@@ -16,9 +16,10 @@ from typing import Any, overload
 import torch
 
 from directer.config import SteeringConfig
-from directer.engine import Engine, Generation, Request, SteeringSummary, StepTelemetry
+from directer.engine import Engine, Generation, KernelChoice, Request
 from directer.models import DEFAULT_MODEL, LoadedModel, load_model
 from directer.prompts import Prompt, SpanMode, check_fits, prompt_from_row
+from directer.telemetry import SteeringSummary, StepTelemetry
 
 PromptInput = str | tuple[str, str | None]
 
@@ -54,11 +55,17 @@ class Completion:
 class Directer:
     """A loaded model with its engine and a default :class:`SteeringConfig`."""
 
-    def __init__(self, loaded: LoadedModel, config: SteeringConfig | None = None, spans: SpanMode = "auto") -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: SteeringConfig | None = None,
+        spans: SpanMode = "auto",
+        kernel: KernelChoice = "auto",
+    ) -> None:
         self.loaded = loaded
         self.config = config or SteeringConfig()
         self.spans = spans  # rows without an instruction: detect one ("auto") or steer nothing ("none")
-        self.engine = Engine(loaded.model, loaded.eos_token_ids, loaded.pad_token_id)
+        self.engine = Engine(loaded.model, loaded.eos_token_ids, loaded.pad_token_id, kernel=kernel)
 
     @classmethod
     def from_pretrained(
@@ -69,11 +76,13 @@ class Directer:
         dtype: str | torch.dtype | None = None,
         trust_remote_code: bool = False,
         spans: SpanMode = "auto",
+        kernel: KernelChoice = "auto",
         **config: Any,
     ) -> Directer:
-        """Load a model (alias, Hugging Face id, folder or GGUF file); keyword config fields override defaults."""
+        """Load a model (alias, Hugging Face id, folder or GGUF file); keyword config fields override defaults.
+        ``kernel``: the attention kernel of packed passes (see :class:`~directer.engine.Engine`)."""
         loaded = load_model(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        return cls(loaded, SteeringConfig(**config), spans)
+        return cls(loaded, SteeringConfig(**config), spans, kernel)
 
     @property
     def tokenizer(self):

@@ -7,9 +7,11 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
-Method = Literal["directer", "zero-shot"]
+from directer.steering import STEERERS, Steerer, steerer_for
+
 TrialSchedule = Literal["auto", "lazy", "batched"]
-METHODS: tuple[str, ...] = ("directer", "zero-shot")
+Ranking = Literal["caused", "received"]
+RANKINGS: tuple[str, ...] = ("caused", "received")
 
 
 @dataclass(frozen=True)
@@ -20,21 +22,25 @@ class SteeringConfig:
     beta: plausibility threshold; a steered token is kept only when the unsteered model gives it
         more than ``beta`` times the probability of its own top-1 token.
     max_trials: steered passes allowed per step before falling back to the unsteered token.
+    ranking: how the layers are ordered for the trials after the first (see :mod:`directer.ranking`):
+        ``caused``, the paper's formula (the disturbance steering a layer causes); ``received``, the
+        authors' released code (the disturbance a layer receives).
     trial_schedule: ``batched`` runs all remaining trials of a step as variants of one pass; ``lazy``
         one trial per pass; ``auto`` is the engine's choice, ``batched`` (measured faster on a CPU in
         BENCHMARKS.md; memory-bound GPU decoding favours it further). All give the same tokens.
     """
 
-    method: Method = "directer"
+    method: str = "directer"
     alpha: float = 100.0
     beta: float = 0.5
     max_trials: int = 10
     max_new_tokens: int = 256
+    ranking: Ranking = "caused"
     trial_schedule: TrialSchedule = "auto"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in STEERERS:
+            raise ValueError(f"method must be one of {', '.join(STEERERS)}, got {self.method!r}")
         if self.alpha <= 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.beta <= 1.0:
@@ -43,12 +49,19 @@ class SteeringConfig:
             raise ValueError(f"max_trials must be at least 1, got {self.max_trials}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
         if self.trial_schedule not in ("auto", "lazy", "batched"):
             raise ValueError(f"trial_schedule must be auto, lazy or batched, got {self.trial_schedule!r}")
 
     @property
+    def steerer(self) -> Steerer:
+        """The method's :class:`~directer.steering.Steerer`, configured by this object."""
+        return steerer_for(self)
+
+    @property
     def steers(self) -> bool:
-        return self.method == "directer"
+        return STEERERS[self.method].steers
 
     def with_(self, **changes: object) -> SteeringConfig:
         """A copy with some fields changed (validated again)."""
@@ -57,10 +70,13 @@ class SteeringConfig:
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
+    def token_fields(self) -> dict[str, object]:
+        """The fields that change this method's tokens: the method, the token budget and the fields its
+        steerer names (zero-shot: none; the trial schedule never does)."""
+        names = ("method", "max_new_tokens", *STEERERS[self.method].fields)
+        return {name: getattr(self, name) for name in names}
+
     def fingerprint(self) -> str:
-        """Short stable hash of the fields that change tokens (the trial schedule does not)."""
-        fields = {k: v for k, v in self.to_dict().items() if k != "trial_schedule"}
-        if not self.steers:
-            fields = {"method": self.method, "max_new_tokens": self.max_new_tokens}
-        blob = json.dumps(fields, sort_keys=True).encode()
+        """Short stable hash of :meth:`token_fields`."""
+        blob = json.dumps(self.token_fields(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]

@@ -172,10 +172,10 @@ def _converted_gguf(alias: str, bundled: BundledModel) -> Path:
     return target
 
 
-def _source(name: str) -> tuple[str | Path, dict[str, str]]:
+def model_source(name: str) -> tuple[str | Path, dict[str, str]]:
     """Where ``from_pretrained`` should read ``name`` from (a random model: its tokenizer), and extra arguments."""
     if name in RANDOM:
-        return _source(RANDOM[name].base)
+        return model_source(RANDOM[name].base)
     if name in BUNDLED:
         return _converted_gguf(name, BUNDLED[name]), {}
     path = Path(name).expanduser()
@@ -205,7 +205,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for the engine."""
-    source, extra = _source(name)
+    source, extra = model_source(name)
     resolved_device, resolved_dtype = default_device_dtype(device, dtype)
     if name in RANDOM:
         return _random_model(name, source, resolved_device, resolved_dtype)
@@ -234,7 +234,7 @@ def _random_model(name: str, source: str | Path, device: torch.device, dtype: to
 
 def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Only the tokenizer (for reports that show tokens)."""
-    source, extra = _source(name)
+    source, extra = model_source(name)
     return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
 
 

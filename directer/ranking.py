@@ -6,9 +6,19 @@ state entering self-attention) and output ``post_j`` between the raw pass and th
 
     D_j(l) = (1 - cos(pre_j_raw, post_j_probe)) + (1 - cos(post_j_raw, pre_j_probe)),
 
-clamped at 0 and averaged over tokens; ``Sensitivity(l) = mean_j D_j(l)``. Layers are ranked most
-sensitive first. (The paper subtracts a baseline ``dist(pre_j, post_j)`` twice; it is the same for
-every ``l`` and does not change the order.)
+clamped at 0 and averaged over tokens. Two orders are built from this ``L x L`` matrix, largest first
+(ties: lower layer first):
+
+- ``caused`` (the paper's formula): ``Sensitivity(l) = mean_j D_j(l)``, the disturbance steering
+  layer ``l`` causes;
+- ``received`` (the authors' released code, ``src/generator.py``, ``_rank_layers``: ``per_layer =
+  attn_mat.mean(dim=0)`` over the probes): ``mean_l D_j(l)``, the disturbance layer ``j`` receives.
+  Their ``torch.argsort`` is not stable, so exact ties (probes that see no scaled key) may come out
+  in another order there.
+
+The paper subtracts a baseline ``dist(pre_j, post_j)`` twice. It is the same for every probe ``l``,
+so it cannot change the ``caused`` order; it differs between layers ``j`` and would change the
+``received`` order, but the authors' code does not subtract it, so neither do we.
 """
 
 from __future__ import annotations
@@ -19,6 +29,10 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
+
+from directer.cache import KVCache
+from directer.config import Ranking
+from directer.passes import ForwardPass, Kernel
 
 
 def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
@@ -80,27 +94,70 @@ def disturbance(
     return (direct + propagated).clamp(min=0.0)
 
 
-class Sensitivity:
-    """``Sensitivity(l) = mean_j D_j(l)``, summed layer by layer as the probes' forward reaches each
-    layer ``j`` (pass :meth:`add` as an :class:`AttentionCapture`'s ``on_layer``).
+class Disturbances:
+    """The matrix ``D[n, l, j]`` of each row ``n``, filled column by column as the probes' forward reaches
+    each layer ``j`` (pass :meth:`add` as an :class:`AttentionCapture`'s ``on_layer``).
 
     raw_*: per layer ``[N, 1, H]``; probes: ``P`` per row, packed row after row (probe ``p`` steers layer ``p``).
     """
 
     def __init__(self, raw_pre: list[torch.Tensor], raw_post: list[torch.Tensor]) -> None:
         self.raw_pre, self.raw_post = raw_pre, raw_post
-        self.total = torch.zeros(())
+        self.columns: list[torch.Tensor] = []
 
     def add(self, layer: int, pre: torch.Tensor, post: torch.Tensor) -> None:
         rows = len(self.raw_pre[layer])
         steered_pre, steered_post = pre.reshape(rows, -1, pre.shape[-1]), post.reshape(rows, -1, post.shape[-1])
-        self.total = self.total + disturbance(self.raw_pre[layer], self.raw_post[layer], steered_pre, steered_post)
+        self.columns.append(disturbance(self.raw_pre[layer], self.raw_post[layer], steered_pre, steered_post))
 
-    def scores(self) -> torch.Tensor:
-        """``[N, P]``."""
-        return self.total / len(self.raw_pre)
+    def matrix(self) -> torch.Tensor:
+        """``[N, P, L]``: probe ``l`` (row of the matrix), measured at layer ``j`` (column)."""
+        return torch.stack(self.columns, dim=-1)
+
+
+def layer_scores(matrix: torch.Tensor, ranking: Ranking) -> torch.Tensor:
+    """``[N, L]`` score of each layer: the mean disturbance it causes (over the layers measured) or
+    receives (over the probes)."""
+    return matrix.mean(dim=-1) if ranking == "caused" else matrix.mean(dim=-2)
 
 
 def rank_layers(scores: torch.Tensor) -> torch.Tensor:
     """Layer indices, most sensitive first (ties: lower layer first). ``[N, L] -> [N, L]``."""
     return torch.argsort(-scores, dim=-1, stable=True)
+
+
+def probe_rankings(
+    forward: Callable[..., torch.Tensor],
+    model: PreTrainedModel,
+    cache: KVCache,
+    rows: torch.Tensor,
+    tokens: torch.Tensor,
+    raw: AttentionCapture,
+    key_scale: float,
+    rule: Ranking,
+    kernel: Kernel,
+) -> torch.Tensor:
+    """The layer order ``[R, L]`` of each row in ``rows`` (cache rows at their first step, whose raw pass
+    ``raw`` recorded and wrote the token's slot): one packed pass with one probe per layer and row,
+    each reading the slots before that token."""
+    num_layers = len(raw.pre)
+    steer = torch.eye(num_layers, dtype=torch.bool, device=rows.device).expand(len(rows), -1, -1)
+    slots = (cache.lengths[rows] - 1).repeat_interleave(num_layers)
+    probe = ForwardPass(
+        cache, rows=rows, variants=num_layers, slots=slots, steer=steer, key_scale=key_scale, kernel=kernel
+    )
+    raw_pre, raw_post = ([t[0, rows, None] for t in captured] for captured in (raw.pre, raw.post))
+    probes = Disturbances(raw_pre, raw_post)
+    with AttentionCapture(on_layer=probes.add).recording(model):
+        positions = slots - cache.pad[rows].repeat_interleave(num_layers)
+        forward(tokens.repeat_interleave(num_layers), positions, probe, logits=False)
+    # a probe that sees none of the scaled keys in its layer (all outside a sliding window, or the span
+    # is the current token alone) computes exactly the raw pass: give it exactly the raw pass's
+    # disturbances, so such layers tie as they do in the reference, whatever the rounding of the
+    # batched products
+    unsteered = Disturbances(raw_pre, raw_post)
+    for layer in range(num_layers):
+        unsteered.add(layer, raw_pre[layer], raw_post[layer])
+    reached = torch.stack([probe.reaches[layer][:, layer] for layer in range(num_layers)], dim=1)
+    matrix = torch.where(reached[:, :, None], probes.matrix(), unsteered.matrix())
+    return rank_layers(layer_scores(matrix, rule))

@@ -70,20 +70,28 @@ def capture_attention(model, token: int, cache: DynamicCache) -> tuple[list[torc
     return [pre[j][0, -1].float() for j in range(count)], [post[j][0, -1].float() for j in range(count)]
 
 
-def rank_layers(model, token: int, cache: DynamicCache, span: list[int], alpha: float) -> list[int]:
+def rank_layers(
+    model, token: int, cache: DynamicCache, span: list[int], alpha: float, ranking: str = "caused"
+) -> list[int]:
+    """Layers, most sensitive first. ``D[l][j]``: the disturbance at layer ``j`` when layer ``l`` alone is
+    steered. ``caused``: layer ``l`` scores ``mean_j D[l][j]``; ``received``: layer ``j`` scores ``mean_l D[l][j]``."""
     count = len(model.get_decoder().layers)
     raw_pre, raw_post = capture_attention(model, token, copy_cache(cache, set(), span, alpha))
-    sensitivity = []
+    matrix = []
     for probed in range(count):
         pre, post = capture_attention(model, token, copy_cache(cache, {probed}, span, alpha))
-        disturbances = []
+        row = []
         for j in range(count):
             d = (1 - F.cosine_similarity(raw_pre[j], post[j], dim=0)) + (
                 1 - F.cosine_similarity(raw_post[j], pre[j], dim=0)
             )
-            disturbances.append(max(float(d), 0.0))
-        sensitivity.append(sum(disturbances) / count)
-    return sorted(range(count), key=lambda layer: -sensitivity[layer])
+            row.append(max(float(d), 0.0))
+        matrix.append(row)
+    if ranking == "caused":
+        score = [sum(matrix[layer]) / count for layer in range(count)]
+    else:
+        score = [sum(matrix[probed][layer] for probed in range(count)) / count for layer in range(count)]
+    return sorted(range(count), key=lambda layer: -score[layer])
 
 
 @torch.inference_mode()
@@ -97,6 +105,7 @@ def reference_generate(
     beta: float = 0.5,
     max_trials: int = 10,
     max_new_tokens: int = 16,
+    ranking: str = "caused",
     eos_token_ids: tuple[int, ...] = (),
 ) -> ReferenceOutput:
     previous = model.config._attn_implementation
@@ -107,7 +116,7 @@ def reference_generate(
             model(input_ids=torch.tensor([prompt_ids[:-1]], device=model.device), cache=cache, use_cache=True)
         token = prompt_ids[-1]
         count = len(model.get_decoder().layers)
-        ranking = None
+        order = None
         tokens, steps = [], []
         for step in range(max_new_tokens):
             before = copy_cache(cache, set(), span, alpha)  # the cache as it was before the raw pass
@@ -117,7 +126,7 @@ def reference_generate(
             emitted, trials, layers, skipped = i_star, 0, 0, False
             if steer:
                 if step == 0:
-                    ranking = rank_layers(model, token, before, span, alpha)
+                    order = rank_layers(model, token, before, span, alpha, ranking)
                 elif p2 < beta * p1:
                     skipped = True
                 if not skipped:
@@ -130,13 +139,13 @@ def reference_generate(
                         if float(p[j_star]) > beta * float(p[i_star]):
                             emitted, layers = j_star, len(steered_layers)
                             break
-                        steered_layers = ranking[: max(1, count // 2**k)]
+                        steered_layers = order[: max(1, count // 2**k)]
                         k += 1
             tokens.append(emitted)
             steps.append(ReferenceStep(i_star, skipped, trials, layers, emitted))
             if emitted in eos_token_ids:
                 break
             token = emitted
-        return ReferenceOutput(tokens, steps, ranking)
+        return ReferenceOutput(tokens, steps, order)
     finally:
         model.config._attn_implementation = previous

@@ -7,16 +7,17 @@ import json
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
-from directer.config import SteeringConfig
+from directer.config import RANKINGS, SteeringConfig
+from directer.steering import STEERERS
+from jobs import render
 from jobs.signals import Interrupted, stop_on_signals
 
 
@@ -43,6 +44,14 @@ ModelOption = Annotated[
         "-m",
         help="Alias (smollm2-135m; smollm2-1.7b-random: random weights, for timing), Hugging Face id, "
         "local folder or .gguf file.",
+    ),
+]
+MethodOption = Annotated[str, typer.Option(help=f"Steering method: {', '.join(STEERERS)}.")]
+RankingOption = Annotated[
+    str,
+    typer.Option(
+        help=f"Layer order of the trials ({', '.join(RANKINGS)}): the disturbance steering a layer causes (the "
+        "paper's formula) or receives (the authors' code)."
     ),
 ]
 AlphaOption = Annotated[float, typer.Option(help="Scale of the instruction tokens' attention keys.")]
@@ -115,6 +124,14 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _steering(options: dict[str, object]) -> SteeringConfig:
+    """The command's one :class:`SteeringConfig`, from those of its options that are config fields."""
+    try:
+        return SteeringConfig(**{f.name: options[f.name] for f in fields(SteeringConfig) if f.name in options})
+    except ValueError as error:
+        raise _fail(str(error)) from None
+
+
 @contextlib.contextmanager
 def _interruptible(message: str) -> Iterator[None]:
     """SIGINT/SIGTERM stop the block within seconds, print ``message`` and exit 128 + the signal."""
@@ -139,13 +156,16 @@ def run(
         ),
     ] = None,
     model: ModelOption = "smollm2-135m",
-    method: Annotated[str, typer.Option(help="directer or zero-shot.")] = "directer",
+    method: MethodOption = "directer",
     alpha: AlphaOption = 100.0,
     beta: BetaOption = 0.5,
     max_trials: MaxTrialsOption = 10,
+    ranking: RankingOption = "caused",
     max_new_tokens: MaxNewTokensOption = 256,
     spans: SpansOption = "auto",
-    compare: Annotated[bool, typer.Option("--compare", help="Show zero-shot and Directer side by side.")] = False,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Show zero-shot beside the method (default directer).")
+    ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
@@ -160,21 +180,16 @@ def run(
     """
     from directer import Directer, ModelNotFoundError, SpanError
 
-    try:
-        config = SteeringConfig(
-            method=method, alpha=alpha, beta=beta, max_trials=max_trials, max_new_tokens=max_new_tokens
-        )
-    except ValueError as error:
-        raise _fail(str(error)) from None
+    config = _steering(locals())
     _quiet_transformers()
     try:
         with console.status(f"loading {model}"):
-            steerer = Directer.from_pretrained(
+            runner = Directer.from_pretrained(
                 model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, spans=spans
             )
         if instruction is not None and instruction not in prompt:
             prompt = f"{prompt}\n\n{instruction}"
-        built = steerer.prompt(prompt, instruction)
+        built = runner.prompt(prompt, instruction)
         if not built.span and config.steers:
             console.print("[yellow]no instruction given or found: nothing to steer, the output is zero-shot[/]")
         elif built.span_source == "auto":
@@ -182,12 +197,15 @@ def run(
             console.print(f"[dim]instruction detected: {detected}[/]")
     except (ModelNotFoundError, SpanError, ValueError) as error:
         raise _fail(str(error)) from None
-    methods = ["zero-shot", "directer"] if compare else [config.method]
+    baseline = next(name for name, kind in STEERERS.items() if not kind.steers)
+    if compare and not config.steers:
+        raise _fail(f"--compare shows {baseline} beside a steering method; --method {config.method} does not steer")
+    methods = [baseline, config.method] if compare else [config.method]
     results = {}
     try:
         for name in methods:
             with console.status(f"generating ({name})"):
-                results[name] = steerer.complete([built], config.with_(method=name))[0]
+                results[name] = runner.complete([built], config.with_(method=name))[0]
     except ValueError as error:  # a prompt longer than the model's context
         raise _fail(str(error)) from None
     if json_output:
@@ -197,19 +215,15 @@ def run(
         return
     out = Console()
     if not compare:
-        out.print(highlight_steered(steerer.tokenizer, results[config.method]))
+        out.print(render.highlight_steered(runner.tokenizer, results[config.method]))
         if config.steers:
-            out.print(_summary_line(results[config.method]), style="dim")
+            out.print(render.summary_line(results[config.method]), style="dim")
         return
-    table = Table(title="zero-shot vs directer", show_lines=True, expand=True)
-    table.add_column("zero-shot")
-    table.add_column("directer (steered tokens highlighted)")
-    table.add_row(Text(results["zero-shot"].text), highlight_steered(steerer.tokenizer, results["directer"]))
     steered = " | ".join(built.text[start:end] for start, end in built.char_spans)
     label = instruction or (f"{steered} (detected)" if steered else "(none: nothing steered)")
     out.print(Text.assemble("instruction: ", (label, "bold")))
-    out.print(table)
-    out.print(_summary_line(results["directer"]), style="dim")
+    out.print(render.comparison(runner.tokenizer, baseline, config.method, results))
+    out.print(render.summary_line(results[config.method]), style="dim")
 
 
 @app.command(cls=Command, short_help="Run Directer over a dataset (Ray), resumable.")
@@ -219,7 +233,7 @@ def generate(
     ],
     output: Annotated[str, typer.Option("--output", "-o", help="Output folder (data/*.parquet, run.json).")],
     model: ModelOption = "smollm2-135m",
-    method: Annotated[str, typer.Option(help="directer or zero-shot.")] = "directer",
+    method: MethodOption = "directer",
     actors: Annotated[
         int | None, typer.Option(help="Model copies (Ray actors); default one per GPU, or one without GPUs.")
     ] = None,
@@ -234,6 +248,7 @@ def generate(
     alpha: AlphaOption = 100.0,
     beta: BetaOption = 0.5,
     max_trials: MaxTrialsOption = 10,
+    ranking: RankingOption = "caused",
     ranking_cache: Annotated[
         str | None, typer.Option(help="Folder of cached layer rankings; default OUTPUT/ranking_cache.")
     ] = None,
@@ -264,10 +279,8 @@ def generate(
     from pipeline.inputs import InputError
     from pipeline.run import generate as run_generate
 
+    steering = _steering(locals())
     try:
-        steering = SteeringConfig(
-            method=method, alpha=alpha, beta=beta, max_trials=max_trials, max_new_tokens=max_new_tokens
-        )
         config = GenerateConfig(
             inputs=tuple(inputs), output=output, model=model, steering=steering, actors=actors,
             gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
@@ -280,9 +293,9 @@ def generate(
             report = run_generate(config, command=current_command())
     except (InputError, ModelNotFoundError, ClusterError, ValueError) as error:
         raise _fail(str(error)) from None
-    print_report(report)
-    if examples:
-        print_examples(config, examples)
+    Console().print(render.generate_report(report))
+    if examples and (table := render.examples(config.output_dir, steering.method, examples)):
+        Console().print(table)
 
 
 @app.command("eval", cls=Command, short_help="Generate, score with IFEval's checkers, report.")
@@ -291,7 +304,7 @@ def evaluate(
         str, typer.Argument(metavar="BENCHMARK", help="ifeval, or a Parquet/JSONL file of IFEval-style rows.")
     ] = "ifeval",
     output: Annotated[str, typer.Option("--output", "-o", help="Output folder.")] = "runs/eval",
-    methods: Annotated[str, typer.Option(help="Comma-separated: zero-shot, directer.")] = "zero-shot,directer",
+    methods: Annotated[str, typer.Option(help=f"Comma-separated, from: {', '.join(STEERERS)}.")] = "zero-shot,directer",
     data: Annotated[str | None, typer.Option(help="IFEval input_data.jsonl; default the packaged copy.")] = None,
     spans: Annotated[
         str,
@@ -305,6 +318,7 @@ def evaluate(
     max_new_tokens: MaxNewTokensOption = 256,
     alpha: AlphaOption = 100.0,
     beta: BetaOption = 0.5,
+    ranking: RankingOption = "caused",
     actors: Annotated[int | None, typer.Option(help="Model copies (Ray actors); default one per GPU, or one.")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows decoded together by one actor.")] = 16,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor.")] = None,
@@ -328,20 +342,21 @@ def evaluate(
     from pipeline.evaluate import evaluate as run_evaluation
     from pipeline.inputs import InputError
 
+    steering = _steering(locals())
     try:
         config = EvalConfig(
             benchmark=benchmark, output=output, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
             data=data, spans=spans, limit=limit, model=model, actors=actors, batch_size=batch_size, address=address,
             gpus_per_actor=gpus_per_actor, connect_timeout=connect_timeout, actor_start_timeout=actor_start_timeout,
             device=device, dtype=dtype, ray_logs=ray_logs,
-            steering=SteeringConfig(alpha=alpha, beta=beta, max_trials=max_trials, max_new_tokens=max_new_tokens),
+            steering=steering,
         )  # fmt: skip
         _quiet_transformers()
         with _interruptible(RESUME):
             summary = run_evaluation(config)
     except (InputError, ModelNotFoundError, ClusterError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    print_accuracy(summary, output)
+    Console().print(render.accuracy(summary, output))
 
 
 @app.command(cls=Command, short_help="Rebuild an evaluation's reports.")
@@ -359,20 +374,7 @@ def report(run_dir: Annotated[str, typer.Argument(metavar="EVAL_DIR", help="A di
     if not (Path(run_dir) / "scores.parquet").is_file():
         raise _fail(f"{run_dir} holds no scores.parquet; is it a directer eval output?")
     _quiet_transformers()
-    print_accuracy(build_report(Path(run_dir)), run_dir)
-
-
-def print_accuracy(summary: dict, output: str) -> None:
-    from pipeline.report import METRIC_NAMES, METRICS, _accuracy_rows
-
-    table = Table(title=f"IFEval accuracy ({output}/report.html)")
-    table.add_column("method")
-    for metric in METRICS:
-        table.add_column(METRIC_NAMES[metric])
-    methods = list(summary["accuracy"])
-    for row in _accuracy_rows(summary, methods):
-        table.add_row(*row)
-    Console().print(table)
+    Console().print(render.accuracy(build_report(Path(run_dir)), run_dir))
 
 
 @app.command(cls=Command, short_help="Speed and memory, side by side.")
@@ -380,6 +382,10 @@ def bench(
     prompts: Annotated[int, typer.Option(help="IFEval prompts to decode (gold spans).")] = 16,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated; 1 and one larger size.")] = "1,16",
     max_new_tokens: MaxNewTokensOption = 64,
+    alpha: AlphaOption = 100.0,
+    beta: BetaOption = 0.5,
+    max_trials: MaxTrialsOption = 10,
+    ranking: RankingOption = "caused",
     model: ModelOption = "smollm2-135m",
     b1_prompts: Annotated[int, typer.Option(help="Prompts for the batch-size-1 runs (the reference is slow).")] = 4,
     pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="Also time the Ray pipeline.")] = True,
@@ -396,24 +402,20 @@ def bench(
     """
     from pipeline.benchmark import run_benchmark, to_json
 
+    steering = _steering(locals())
     sizes = tuple(int(size) for size in batch_sizes.split(","))
     if 1 not in sizes or len(sizes) != 2:
         raise _fail("--batch-sizes takes 1 and one larger size, e.g. 1,16")
     _quiet_transformers()
     with _interruptible("interrupted"):
         result = run_benchmark(
-            prompts=prompts, batch_sizes=sizes, max_new_tokens=max_new_tokens, model=model, b1_prompts=b1_prompts,
+            prompts=prompts, batch_sizes=sizes, steering=steering, model=model, b1_prompts=b1_prompts,
             pipeline=pipeline, device=device, dtype=dtype, log=lambda line: console.print(line),
         )  # fmt: skip
     if json_output:
         print(to_json(result))
         return
-    table = Table(title="ratios (targets in BENCHMARKS.md)")
-    table.add_column("ratio")
-    table.add_column("value", justify="right")
-    for name, value in result.ratios.items():
-        table.add_row(name, f"{value:.2f}")
-    Console().print(table)
+    Console().print(render.ratios(result.ratios))
 
 
 @app.command(cls=Command, short_help="Build a training set from generate outputs.")
@@ -454,12 +456,7 @@ def export(
         report = run_export(config, command=current_command())
     except (InputError, ValueError) as error:
         raise _fail(str(error)) from None
-    table = Table(title=f"directer export -> {output}")
-    table.add_column("filter")
-    table.add_column("rows", justify="right")
-    for name, count in report.counts:
-        table.add_row(name, str(count))
-    Console().print(table)
+    Console().print(render.export_counts(report, output))
 
 
 @app.command("ifeval", cls=Command)
@@ -612,81 +609,6 @@ def job_stop(job_id: str, address: DashboardOption = None) -> None:
         print("stopped" if jobs.stop(job_id, address) else "not running")
     except jobs.JobServerError as error:
         raise _fail(str(error)) from None
-
-
-def print_report(report) -> None:
-    out = Console()
-    table = Table(title=f"directer generate -> {report.output}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row(
-        "rows", f"{report.rows} written ({report.ok} ok, {report.errors} error), {report.skipped} already done"
-    )
-    table.add_row("tokens", f"{report.completion_tokens} generated, {report.tokens_per_second:.1f} tokens/s")
-    seconds = report.seconds
-    table.add_row(
-        "time", f"{seconds.get('total', 0):.1f}s (start-up {seconds.get('startup', 0):.1f}s, "
-        f"pipeline {seconds.get('pipeline', 0):.1f}s)"
-    )  # fmt: skip
-    if report.steering.get("steps"):
-        s = report.steering
-        table.add_row(
-            "steering",
-            f"{s['steered']}/{s['steps']} steps steered ({s['changed']} changed the token), "
-            f"{s['gate_skips']} gate skips, {s['fallbacks']} fallbacks, mean layers {s['mean_layers']:.1f}",
-        )
-    if report.ranking_cache:
-        table.add_row("ranking cache", f"{report.ranking_cache['hits']} hits, {report.ranking_cache['misses']} misses")
-    for message in report.error_examples:
-        table.add_row("[red]error[/]", message)
-    out.print(table)
-
-
-def print_examples(config, count: int) -> None:
-    """A few finished rows: the prompt with its instruction in bold, beside the completion."""
-    import pyarrow.dataset as pads
-
-    files = sorted(str(p) for p in config.data_dir.glob("*.parquet"))
-    if not files:
-        return
-    columns = ["id", "prompt", "instruction", "completion", "status", "steering"]
-    dataset = pads.dataset(files, format="parquet")
-    present = [c for c in columns if c in dataset.schema.names]
-    rows = [r for r in dataset.to_table(columns=present).to_pylist() if r["status"] == "ok"]
-    rows.sort(key=lambda r: r["id"])
-    table = Table(title="examples", show_lines=True, expand=True)
-    table.add_column("prompt (instruction in bold)", ratio=2)
-    table.add_column(f"completion ({config.steering.method})", ratio=3)
-    for row in rows[:count]:
-        prompt, instruction = row.get("prompt") or "", row.get("instruction") or ""
-        text = Text(prompt)
-        if instruction and instruction in prompt:
-            start = prompt.index(instruction)
-            text.stylize("bold yellow", start, start + len(instruction))
-        steering = row.get("steering") or {}
-        note = f"\n[{steering.get('steered', 0)}/{steering.get('steps', 0)} steps steered]" if steering else ""
-        table.add_row(text, Text((row["completion"] or "").strip() + note))
-    Console().print(table)
-
-
-def highlight_steered(tokenizer, completion) -> Text:
-    """The completion with every token that steering changed highlighted."""
-    from directer.pieces import steered_pieces
-
-    text = Text()
-    for piece, changed in steered_pieces(tokenizer, ((step.token, step.changed) for step in completion.telemetry)):
-        text.append(piece, style="bold black on yellow" if changed else None)
-    return text
-
-
-def _summary_line(completion) -> str:
-    summary = asdict(completion.summary)
-    return (
-        f"{summary['steps']} steps: {summary['steered']} steered ({summary['changed']} changed the token), "
-        f"{summary['gate_skips']} skipped by the gate, {summary['fallbacks']} fell back; "
-        f"{summary['trials']} steered passes, mean layers when steered {summary['mean_layers']:.1f}; "
-        f"finish: {completion.finish_reason}"
-    )
 
 
 if __name__ == "__main__":

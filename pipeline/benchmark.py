@@ -119,7 +119,7 @@ def _interleaved(
 def run_benchmark(
     prompts: int = 16,
     batch_sizes: tuple[int, ...] = (1, 16),
-    max_new_tokens: int = 64,
+    steering: SteeringConfig = SteeringConfig(max_new_tokens=64),
     model: str = "smollm2-135m",
     b1_prompts: int = 4,
     pipeline: bool = True,
@@ -133,12 +133,13 @@ def run_benchmark(
         steerer.prompt(**{"message": r["prompt"], "instruction_spans": r["instruction_spans"]})
         for r in load_ifeval(limit=prompts)
     ]
-    zero_shot = SteeringConfig(method="zero-shot", max_new_tokens=max_new_tokens)
-    directer = SteeringConfig(max_new_tokens=max_new_tokens)
+    max_new_tokens = steering.max_new_tokens
+    zero_shot = steering.with_(method="zero-shot")
+    directer = steering
     tokenizer = loaded.tokenizer
     result = BenchResult(
         config={"prompts": prompts, "b1_prompts": b1_prompts, "batch_sizes": list(batch_sizes),
-                "max_new_tokens": max_new_tokens, "model": loaded.identity, "device": str(loaded.device),
+                "steering": steering.to_dict(), "model": loaded.identity, "device": str(loaded.device),
                 "torch_threads": torch.get_num_threads()},
     )  # fmt: skip
 
@@ -163,8 +164,9 @@ def run_benchmark(
 
     def reference(batch: list) -> int:
         return sum(
-            len(reference_generate(loaded.model, p.token_ids, p.span, max_new_tokens=max_new_tokens,
-                                   eos_token_ids=loaded.eos_token_ids).token_ids)
+            len(reference_generate(loaded.model, p.token_ids, p.span, alpha=steering.alpha, beta=steering.beta,
+                                   max_trials=steering.max_trials, max_new_tokens=max_new_tokens,
+                                   eos_token_ids=loaded.eos_token_ids, ranking=steering.ranking).token_ids)
             for p in batch
         )  # fmt: skip
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from directer.config import SteeringConfig
 from directer.models import DEFAULT_MODEL
+from pipeline.outputs import RunOutput
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,8 @@ class GenerateConfig:
         return Path(self.output)
 
     @property
-    def data_dir(self) -> Path:
-        return self.output_dir / "data"
+    def run_output(self) -> RunOutput:
+        return RunOutput(self.output_dir)
 
     @property
     def ranking_cache_dir(self) -> Path:

@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from directer.config import SteeringConfig
 from directer.ifeval import load_ifeval
 from directer.models import DEFAULT_MODEL
 from directer.scoring import score_response
+from directer.steering import STEERERS
 from pipeline.config import GenerateConfig
 from pipeline.inputs import JSON_SUFFIXES, READ_ERROR, InputError, read_json_rows, rows_to_table
+from pipeline.outputs import RunOutput
 from pipeline.rows import user_message
 from pipeline.run import generate
 
@@ -50,9 +51,9 @@ class EvalConfig:
     ray_logs: bool = False
 
     def __post_init__(self) -> None:
-        unknown = set(self.methods) - {"zero-shot", "directer"}
+        unknown = set(self.methods) - set(STEERERS)
         if unknown or not self.methods:
-            raise ValueError(f"--methods takes zero-shot and/or directer, got {', '.join(self.methods)}")
+            raise ValueError(f"--methods takes methods from {', '.join(STEERERS)}, got {', '.join(self.methods)}")
         if self.spans not in ("gold", "auto", "none"):
             raise ValueError(f"--spans must be gold, auto or none, got {self.spans!r}")
 
@@ -127,8 +128,9 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     return build_report(output)
 
 
-def read_run(output: Path, method: str) -> list[dict[str, Any]]:
-    return pads.dataset(str(output / "runs" / method / "data"), format="parquet").to_table().to_pylist()
+def method_run(output: Path, method: str) -> RunOutput:
+    """The ``directer generate`` output of one method of an evaluation."""
+    return RunOutput(Path(output) / "runs" / method)
 
 
 def score_runs(output: Path, methods: tuple[str, ...] | list[str]) -> pa.Table:
@@ -136,7 +138,7 @@ def score_runs(output: Path, methods: tuple[str, ...] | list[str]) -> pa.Table:
     inputs = {r["id"]: r for r in pq.read_table(output / "inputs.parquet").to_pylist()}
     records = []
     for method in methods:
-        for row in read_run(output, method):
+        for row in method_run(output, method).rows():
             source = inputs[row["id"]]
             ids = list(source["instruction_id_list"])
             if row["status"] != "ok":

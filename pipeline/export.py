@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from directer.scoring import score_response
 from pipeline.inputs import InputError
+from pipeline.outputs import RunOutput
 from pipeline.rows import user_message
 
 FORMATS = ("hf", "jsonl", "parquet")
@@ -66,10 +66,10 @@ class ExportReport:
 def read_runs(runs: tuple[str, ...]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
-        data = Path(run) / "data"
-        if not any(data.glob("*.parquet")):
+        output = RunOutput(Path(run))
+        if not output.files():
             raise InputError(f"{run} is not a directer generate output (no data/*.parquet)")
-        rows += pads.dataset(str(data), format="parquet").to_table().to_pylist()
+        rows += output.rows()
     return rows
 
 
@@ -237,11 +237,8 @@ def _card(config: ExportConfig, report: ExportReport, rows: list[dict[str, Any]]
     plt.close(figure)
     generate_commands = []
     for run in config.runs:
-        manifest = Path(run) / "run.json"
-        if manifest.is_file():
-            generate_commands += [
-                i["command"] for i in json.loads(manifest.read_text())["invocations"] if i.get("command")
-            ]
+        manifest = RunOutput(Path(run)).manifest() or {"invocations": []}
+        generate_commands += [i["command"] for i in manifest["invocations"] if i.get("command")]
     lines = [
         "---", "task_categories: [text-generation]", "tags: [instruction-following, synthetic, directer]", "---", "",
         "# Instruction-following training set", "",

@@ -198,23 +198,3 @@ def normalize_types(batch: pa.Table) -> pa.Table:
     if TYPE_ERRORS in batch.column_names:
         return batch.set_column(batch.schema.get_field_index(TYPE_ERRORS), TYPE_ERRORS, column)
     return batch.append_column(TYPE_ERRORS, column)
-
-
-def output_ids(data_dir: Path) -> tuple[set[str], bool, int]:
-    """Ids already written (and whether rows without an id were), skipping unreadable files.
-
-    Returns ``(ids, has_missing_id, rows)``.
-    """
-    ids: set[str] = set()
-    missing, rows = False, 0
-    for path in sorted(data_dir.glob("*.parquet")) if data_dir.is_dir() else []:
-        try:
-            column = pads.dataset(str(path), format="parquet").to_table(columns=["id"]).column("id")
-        except (pa.ArrowInvalid, OSError):
-            path.rename(path.with_suffix(".parquet.broken"))  # an interrupted write: its rows run again
-            continue
-        values = column.to_pylist()
-        rows += len(values)
-        missing = missing or any(v is None for v in values)
-        ids.update(v for v in values if v is not None)
-    return ids, missing, rows

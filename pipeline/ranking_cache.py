@@ -1,7 +1,8 @@
 """Layer rankings that outlive a run: Parquet files in one folder, shared by every actor.
 
-A ranking depends on the model, the prompt's token ids, the steered span and ``alpha`` only, so a
-rerun, or a run with another ``beta`` or token budget, reuses it. Each actor reads the folder when it
+A ranking depends on the model, the prompt's token ids, the steered span, ``alpha`` and the ranking
+rule (``caused`` or ``received``) only, so a rerun, or a run with another ``beta`` or token budget,
+reuses it. Each actor reads the folder when it
 starts and adds one new file per batch (written under a temporary name, then renamed).
 """
 
@@ -22,10 +23,11 @@ SCHEMA = pa.schema([("key", pa.string()), ("ranking", pa.list_(pa.int16()))])
 
 
 class RankingCache:
-    def __init__(self, folder: Path, model_identity: str, alpha: float) -> None:
+    def __init__(self, folder: Path, model_identity: str, alpha: float, ranking: str) -> None:
         self.folder = folder
         self.model_identity = model_identity
         self.alpha = alpha
+        self.ranking = ranking
         self.rankings: dict[str, list[int]] = {}
         self.pending: dict[str, list[int]] = {}
         folder.mkdir(parents=True, exist_ok=True)
@@ -37,7 +39,7 @@ class RankingCache:
             self.rankings.update(zip(table.column("key").to_pylist(), table.column("ranking").to_pylist()))
 
     def key(self, prompt: Prompt) -> str:
-        blob = json.dumps([self.model_identity, prompt.token_ids, prompt.span, self.alpha])
+        blob = json.dumps([self.model_identity, prompt.token_ids, prompt.span, self.alpha, self.ranking])
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def get(self, prompt: Prompt) -> list[int] | None:

@@ -17,6 +17,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from directer.pieces import steered_pieces
+from directer.steering import STEERERS
+from directer.telemetry import SteeringSummary
+from pipeline.outputs import RunOutput
 from pipeline.rows import user_message
 
 METRICS = ("prompt_strict", "prompt_loose", "inst_strict", "inst_loose")
@@ -77,7 +80,7 @@ def accuracy_table(scores: list[dict], methods: list[str]) -> dict[str, dict[str
     resamples = rng.integers(0, len(ids), size=(BOOTSTRAP_SAMPLES, len(ids)))
     everything = np.arange(len(ids))[None]
     table: dict[str, dict[str, Any]] = {}
-    baseline = "zero-shot" if "zero-shot" in methods else None
+    baseline = next((m for m in methods if not STEERERS[m].steers), None)
     base_boot = _accuracies(per_method[baseline], ids, resamples) if baseline else None
     base_point = _accuracies(per_method[baseline], ids, everything)[0] if baseline else None
     for method in methods:
@@ -105,17 +108,14 @@ def per_instruction(scores: list[dict], methods: list[str]) -> dict[str, dict[st
 
 def steering_stats(rows: list[dict]) -> dict[str, Any]:
     """Share of steps steered, gate skips and fallbacks, and the accepted layer counts."""
-    steps = [s for r in rows if r["status"] == "ok" for s in (r["telemetry"] or [])]
-    if not steps:
+    ok = [r for r in rows if r["status"] == "ok" and r["steering"]]
+    total = SteeringSummary.total(r["steering"] for r in ok)
+    if not total.steps:
         return {}
-    layers = Counter(s["layers"] for s in steps if s["layers"] > 0)
+    layers = Counter(s["layers"] for r in ok for s in (r["telemetry"] or []) if s["layers"] > 0)
     return {
-        "steps": len(steps),
-        "steered_share": sum(s["layers"] > 0 for s in steps) / len(steps),
-        "changed_share": sum(s["changed"] for s in steps) / len(steps),
-        "gate_skip_share": sum(s["gate_skipped"] for s in steps) / len(steps),
-        "fallback_share": sum(s["trials"] > 0 and s["layers"] == 0 for s in steps) / len(steps),
-        "steered_passes_per_step": sum(s["trials"] for s in steps) / len(steps),
+        "steps": total.steps,
+        **total.shares(),
         "accepted_layers": {str(k): v for k, v in sorted(layers.items(), reverse=True)},
     }
 
@@ -140,13 +140,11 @@ def quality_stats(rows: list[dict]) -> dict[str, Any]:
 
 def build_report(output: Path) -> dict[str, Any]:
     """Summarise an evaluation folder and write ``summary.json``, plots, ``report.md`` and ``report.html``."""
-    from pipeline.evaluate import read_run
-
     output = Path(output)
     config = json.loads((output / "eval.json").read_text())
     methods = list(config["methods"])
     scores = pq.read_table(output / "scores.parquet").to_pylist()
-    runs = {m: read_run(output, m) for m in methods}
+    runs = {m: RunOutput(output / "runs" / m).rows() for m in methods}
     generation = json.loads((output / "generation_reports.json").read_text())
     summary = {
         "config": config,
@@ -154,7 +152,7 @@ def build_report(output: Path) -> dict[str, Any]:
         "span_sources": dict(Counter(r["span_source"] for r in runs[methods[-1]] if r["status"] == "ok")),
         "accuracy": accuracy_table(scores, methods),
         "per_instruction": per_instruction(scores, methods),
-        "steering": {m: steering_stats(runs[m]) for m in methods if m != "zero-shot"},
+        "steering": {m: steering_stats(runs[m]) for m in methods if STEERERS[m].steers},
         "quality": {m: quality_stats(runs[m]) for m in methods},
         "throughput": {
             m: {
@@ -239,7 +237,7 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def _accuracy_rows(summary: dict, methods: list[str]) -> list[list[str]]:
+def accuracy_cells(summary: dict, methods: list[str]) -> list[list[str]]:
     rows = []
     for method in methods:
         entry = summary["accuracy"][method]
@@ -268,7 +266,7 @@ def _markdown(summary: dict, plots: dict[str, Path], methods: list[str]) -> str:
         "| method | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " |",
         "| --- |" + " --- |" * len(METRICS),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in _accuracy_rows(summary, methods)]
+    lines += ["| " + " | ".join(row) + " |" for row in accuracy_cells(summary, methods)]
     lines += ["", f"![accuracy]({plots['accuracy'].name})", "", "## Per instruction type", ""]
     lines += [f"![per instruction]({plots['per_instruction'].name})", "", "## Steering", ""]
     for method, stats in summary["steering"].items():
@@ -357,7 +355,7 @@ def _html(
     head = "".join(f"<th>{METRIC_NAMES[m]}</th>" for m in METRICS)
     table = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-        for row in _accuracy_rows(summary, methods)
+        for row in accuracy_cells(summary, methods)
     )
     examples = []
     for row_id in chosen:

@@ -8,7 +8,6 @@ its rankings do not depend on the run).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import time
@@ -18,11 +17,13 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
+from directer.config import SteeringConfig
+from directer.steering import STEERERS
+from directer.telemetry import SteeringSummary
 from pipeline.cluster import RESTART_WARNING, ClusterError, actor_start_error, hide_native_lines, init_ray
 from pipeline.config import GenerateConfig
-from pipeline.inputs import duplicate_ids, output_ids, read_dataset, read_ids, resolve_inputs
+from pipeline.inputs import duplicate_ids, read_dataset, read_ids, resolve_inputs
 from pipeline.stage import GenerateStage
 
 
@@ -57,9 +58,9 @@ RESUME_FIELDS = ("model", "steering", "spans", "dtype", "score_nll")
 
 def check_model(name: str) -> None:
     """Fail before Ray starts when the model name cannot be resolved."""
-    from directer.models import _source
+    from directer.models import model_source
 
-    _source(name)
+    model_source(name)
 
 
 def plan_resources(config: GenerateConfig, resources: dict[str, float]) -> GenerateConfig:
@@ -107,15 +108,16 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     input_files = sorted(str(Path(path).resolve()) for source in sources for path in source.paths)
     check_model(config.model)
     check_resumable(config, input_files)
-    if config.overwrite and config.data_dir.exists():
-        shutil.rmtree(config.data_dir)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    if config.overwrite or not (config.output_dir / "run.json").is_file():
+    output = config.run_output
+    if config.overwrite and output.data_dir.exists():
+        shutil.rmtree(output.data_dir)
+    output.data_dir.mkdir(parents=True, exist_ok=True)
+    if config.overwrite or output.manifest() is None:
         write_manifest(config, None, input_files)  # before any row: an interrupted run is still checked
     ids = read_ids(sources)
     duplicates = duplicate_ids(ids)
-    done, missing_done, _ = output_ids(config.data_dir)
-    before = set(config.data_dir.glob("*.parquet"))
+    done, missing_done, _ = output.ids()
+    before = set(output.files())
     report = RunReport(output=str(config.output_dir), command=command)
 
     import ray
@@ -151,7 +153,12 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
             )
         dataset = dataset.map_batches(
             GenerateStage,
-            fn_constructor_kwargs={"config": config, "duplicates": duplicates},
+            # the method's class travels with the config: one registered outside this package reaches the actors
+            fn_constructor_kwargs={
+                "config": config,
+                "duplicates": duplicates,
+                "steerer": STEERERS[config.steering.method],
+            },
             batch_size=config.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=config.actors),
@@ -162,7 +169,7 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
         quiet = contextlib.nullcontext() if config.ray_logs else hide_native_lines(RESTART_WARNING)
         try:
             with quiet:
-                dataset.write_parquet(str(config.data_dir))
+                dataset.write_parquet(str(output.data_dir))
         except ray.exceptions.GetTimeoutError as error:
             if "starting actors" not in str(error):
                 raise
@@ -176,38 +183,34 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
             cause = [line for line in str(error).splitlines() if line.strip()][-1]
             raise ClusterError(f"the model actors could not start: {cause}") from None
         report.seconds["pipeline"] = time.perf_counter() - run_started
-    new_files = sorted(set(config.data_dir.glob("*.parquet")) - before)
-    _summarise(report, new_files)
+    _summarise(report, output.read(SUMMARY_COLUMNS, files=sorted(set(output.files()) - before)).to_pylist())
     report.seconds["total"] = time.perf_counter() - started
     write_manifest(config, report, input_files)
     return report
 
 
-def _summarise(report: RunReport, files: list[Path]) -> None:
-    if not files:
+SUMMARY_COLUMNS = ["status", "error", "completion_tokens", "steering", "ranking_cache", "worker_load_seconds"]
+
+
+def _summarise(report: RunReport, rows: list[dict]) -> None:
+    """This invocation's counts, from the rows it wrote."""
+    if not rows:
         return
-    columns = ["status", "error", "completion_tokens", "steering", "ranking_cache", "worker_load_seconds"]
-    table = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
-    rows = table.to_pylist()
     report.rows = len(rows)
     report.ok = sum(r["status"] == "ok" for r in rows)
     report.errors = report.rows - report.ok
     report.error_examples = [r["error"] for r in rows if r["status"] == "error"][:5]
     report.completion_tokens = sum(r["completion_tokens"] or 0 for r in rows)
     report.seconds["model_load"] = max(r["worker_load_seconds"] or 0.0 for r in rows)
-    summaries = [r["steering"] for r in rows if r["steering"]]
-    steps = sum(s["steps"] for s in summaries)
-    steered_steps = sum(s["steered"] for s in summaries)
+    total = SteeringSummary.total(r["steering"] for r in rows if r["steering"])
     report.steering = {
-        "steps": steps,
-        "steered": steered_steps,
-        "changed": sum(s["changed"] for s in summaries),
-        "gate_skips": sum(s["gate_skips"] for s in summaries),
-        "fallbacks": sum(s["fallbacks"] for s in summaries),
-        "steered_passes": sum(s["trials"] for s in summaries),
-        "mean_layers": (
-            sum(s["mean_layers"] * s["steered"] for s in summaries) / steered_steps if steered_steps else 0.0
-        ),
+        "steps": total.steps,
+        "steered": total.steered,
+        "changed": total.changed,
+        "gate_skips": total.gate_skips,
+        "fallbacks": total.fallbacks,
+        "steered_passes": total.trials,
+        "mean_layers": total.mean_layers,
     }
     cache = [r["ranking_cache"] for r in rows if r["ranking_cache"]]
     report.ranking_cache = {"hits": cache.count("hit"), "misses": cache.count("miss")}
@@ -215,18 +218,21 @@ def _summarise(report: RunReport, files: list[Path]) -> None:
 
 def check_resumable(config: GenerateConfig, input_files: list[str]) -> None:
     """Resume only a run of the same configuration and inputs: rows of two runs never mix in one folder."""
-    path = config.output_dir / "run.json"
-    if config.overwrite or not path.is_file():
+    manifest = config.run_output.manifest()
+    if config.overwrite or manifest is None:
         return
-    manifest = json.loads(path.read_text())
     before, now = manifest.get("config", {}), config.to_dict()
     differences = []
     for name in RESUME_FIELDS:
         old, new = before.get(name), now[name]
-        if isinstance(new, dict):
-            old = old or {}
-            differences += [f"{name}.{key} {old.get(key)!r} -> {value!r}" for key, value in new.items()
-                            if old.get(key) != value]  # fmt: skip
+        if name == "steering":
+            # what changes tokens only (the trial schedule does not); a field added since that run was
+            # written ran with its default
+            old = {**SteeringConfig().to_dict(), **(old or {})}
+            fields = config.steering.token_fields().items()
+            differences += [
+                f"steering.{key} {old.get(key)!r} -> {value!r}" for key, value in fields if old.get(key) != value
+            ]
         elif old != new:
             differences.append(f"{name} {old!r} -> {new!r}")
     if manifest.get("input_files", input_files) != input_files:
@@ -241,15 +247,12 @@ def check_resumable(config: GenerateConfig, input_files: list[str]) -> None:
 def write_manifest(config: GenerateConfig, report: RunReport | None, input_files: list[str]) -> None:
     """``run.json``: the configuration, the input files, counts over the whole output, and every
     invocation's report (``report`` None: the run is starting)."""
-    path = config.output_dir / "run.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(path.read_text()).get("invocations", []) if path.is_file() and not config.overwrite else []
-    files = sorted(str(p) for p in config.data_dir.glob("*.parquet"))
-    totals = {"rows": 0, "ok": 0, "error": 0}
-    if files:
-        status = pads.dataset(files, format="parquet").to_table(columns=["status"]).column("status")
-        totals = {"rows": len(status), "ok": pc.sum(pc.equal(status, "ok")).as_py() or 0}
-        totals["error"] = totals["rows"] - totals["ok"]
+    output = config.run_output
+    before = output.manifest()
+    previous = before.get("invocations", []) if before and not config.overwrite else []
+    status = output.read(["status"]).to_pylist()
+    ok = sum(r["status"] == "ok" for r in status)
+    totals = {"rows": len(status), "ok": ok, "error": len(status) - ok}
     manifest = {
         "config": {**config.to_dict(), "ranking_cache": str(config.ranking_cache_dir)},
         "config_fingerprint": config.steering.fingerprint(),
@@ -257,4 +260,4 @@ def write_manifest(config: GenerateConfig, report: RunReport | None, input_files
         "totals": totals,
         "invocations": [*previous, report.to_dict()] if report else previous,
     }
-    path.write_text(json.dumps(manifest, indent=2, default=str))
+    output.write_manifest(manifest)

@@ -17,34 +17,15 @@ import psutil
 import pyarrow as pa
 
 from directer.quality import completion_nll, distinct_n
+from directer.steering import Steerer, register_steerer
+from directer.telemetry import SteeringSummary, StepTelemetry, arrow_fields
 from pipeline.config import GenerateConfig
 from pipeline.inputs import READ_ERROR, TYPE_ERRORS
 from pipeline.ranking_cache import RankingCache
 from pipeline.rows import RowError, prepare_row, row_id
 
-TELEMETRY = pa.struct(
-    [
-        ("raw_token", pa.int32()),
-        ("raw_prob", pa.float32()),
-        ("top2_prob", pa.float32()),
-        ("gate_skipped", pa.bool_()),
-        ("trials", pa.int8()),
-        ("layers", pa.int16()),
-        ("token", pa.int32()),
-        ("changed", pa.bool_()),
-    ]
-)
-SUMMARY = pa.struct(
-    [
-        ("steps", pa.int32()),
-        ("steered", pa.int32()),
-        ("changed", pa.int32()),
-        ("gate_skips", pa.int32()),
-        ("fallbacks", pa.int32()),
-        ("trials", pa.int32()),
-        ("mean_layers", pa.float32()),
-    ]
-)
+TELEMETRY = pa.struct([(name, pa.type_for_alias(kind)) for name, kind in arrow_fields(StepTelemetry)])
+SUMMARY = pa.struct([(name, pa.type_for_alias(kind)) for name, kind in arrow_fields(SteeringSummary)])
 GENERATED = pa.schema(
     [
         ("status", pa.string()),
@@ -77,7 +58,8 @@ OUTPUT_COLUMNS = ("id", *GENERATED.names)
 class GenerateStage:
     """Callable class for ``Dataset.map_batches`` (``batch_format="pyarrow"``)."""
 
-    def __init__(self, config: GenerateConfig, duplicates: dict[str, int]) -> None:
+    def __init__(self, config: GenerateConfig, duplicates: dict[str, int], steerer: type[Steerer]) -> None:
+        register_steerer(steerer)
         import torch
 
         from directer import Directer
@@ -87,20 +69,25 @@ class GenerateStage:
             torch.set_num_threads(config.threads_per_actor)
         self.config = config
         self.duplicates = duplicates
-        self.steerer = Directer.from_pretrained(
+        self.directer = Directer.from_pretrained(
             config.model, device=device, dtype=config.dtype, trust_remote_code=config.trust_remote_code
         )
         self.steering = config.steering
         self.cache = (
-            RankingCache(config.ranking_cache_dir, self.steerer.loaded.identity, config.steering.alpha)
-            if config.steering.steers
+            RankingCache(
+                config.ranking_cache_dir,
+                self.directer.loaded.identity,
+                config.steering.alpha,
+                config.steering.ranking,
+            )
+            if config.steering.steerer.ranking is not None
             else None
         )
         self.constant = {
             "method": self.steering.method,
             "config_fingerprint": self.steering.fingerprint(),
             "config": json.dumps(self.steering.to_dict(), sort_keys=True),
-            "model": self.steerer.loaded.identity,
+            "model": self.directer.loaded.identity,
             "worker": f"{socket.gethostname()}:{os.getpid()}",
             # since the worker process started: its imports and the model load
             "worker_load_seconds": time.time() - psutil.Process().create_time(),
@@ -108,7 +95,7 @@ class GenerateStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        loaded = self.steerer.loaded
+        loaded = self.directer.loaded
         prompts, errors = {}, {}
         for index, row in enumerate(rows):
             try:
@@ -143,13 +130,13 @@ class GenerateStage:
         hits = {i: ("hit" if r is not None else "miss") for i, r in zip(indices, rankings)} if self.cache else {}
         try:
             batch = [prompts[i] for i in indices]
-            results = self.steerer.complete(batch, self.steering, self.config.batch_size, rankings)
+            results = self.directer.complete(batch, self.steering, self.config.batch_size, rankings)
             completions = dict(zip(indices, results))
         except Exception:  # noqa: BLE001 - isolate the failing rows; their errors are kept
             completions = {}
             for index, ranking in zip(indices, rankings):
                 try:
-                    (completions[index],) = self.steerer.complete([prompts[index]], self.steering, 1, [ranking])
+                    (completions[index],) = self.directer.complete([prompts[index]], self.steering, 1, [ranking])
                 except Exception as error:  # noqa: BLE001
                     errors[index] = f"engine: {type(error).__name__}: {error}"
         if self.cache:
@@ -172,7 +159,7 @@ class GenerateStage:
             "token_ids": completion.token_ids,
             "instruction_tokens": len(completion.prompt.span),
             "span_source": completion.prompt.span_source,
-            "nll": completion_nll(self.steerer.loaded.model, completion.prompt.token_ids, completion.token_ids)
+            "nll": completion_nll(self.directer.loaded.model, completion.prompt.token_ids, completion.token_ids)
             if self.config.score_nll
             else None,
             "distinct_2": distinct_n(completion.text),

@@ -33,12 +33,18 @@ def test_run_json_has_tokens_span_and_telemetry():
 
 
 def test_run_compare_shows_both_methods():
-    result = directer(
-        "run", "Write a haiku about the sea.", "--instruction", "Answer in all capital letters.",
-        "--compare", "--max-new-tokens", "12",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "zero-shot" in result.stdout and "directer" in result.stdout and "steps:" in result.stdout
+    args = ["run", "Write a haiku about the sea.", "--instruction", "Answer in all capital letters.",
+            "--max-new-tokens", "12"]  # fmt: skip
+    shown, both = directer(*args, "--compare"), directer(*args, "--compare", "--json")
+    alone = {m: directer(*args, "--method", m, "--json") for m in ("zero-shot", "directer")}
+    assert all(r.returncode == 0 for r in (shown, both, *alone.values())), shown.stderr + both.stderr
+    # each column holds what that method gives alone
+    payload = json.loads(both.stdout)
+    for method, result in alone.items():
+        assert payload[method]["completion"] == json.loads(result.stdout)["completion"]
+    assert payload["zero-shot"]["summary"]["steered"] == 0 < payload["directer"]["summary"]["steered"]
+    assert "highlighted)" in shown.stdout  # the steered column's header, not the title
+    assert f"{payload['directer']['summary']['steps']} steps:" in shown.stdout
 
 
 def test_run_compare_names_a_detected_instruction():

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, tiny_model
 
-import directer.engine as engine_module
 from directer.config import SteeringConfig
-from directer.engine import Engine, Request, trial_sizes
+from directer.engine import Engine, Request
 from directer.reference import reference_generate
+from directer.steering import trial_sizes
 
 MAX_NEW = 16
 
@@ -69,6 +69,20 @@ def test_padded_batch_matches_oracle(arch_model, schedule):
     assert steered > 0, "the test prompts should exercise accepted steering"
 
 
+def test_received_ranking_matches_oracle(arch_model):
+    """The authors' ranking through the padded batch: tokens, telemetry and order as the oracle's, and an
+    order unlike the paper's formula for some prompt (else this test could not tell them apart)."""
+    _, model = arch_model
+    engine = Engine(model, [1], 0)
+    requests = random_requests(4, seed=5)
+    config = SteeringConfig(max_new_tokens=MAX_NEW, ranking="received")
+    generations = engine.generate(requests, config)
+    caused = engine.generate(requests, config.with_(ranking="caused"))
+    for request, generation in zip(requests, generations):
+        assert_matches(generation, oracle(model, request, ranking="received"))
+    assert any(g.ranking != c.ranking for g, c in zip(generations, caused))
+
+
 def test_rows_stop_at_eos_independently(arch_model):
     """EOS ids taken from a first run make rows stop at different steps (and leave the batch)."""
     _, model = arch_model
@@ -114,13 +128,12 @@ def test_batch_gives_each_row_its_tokens_alone():
         )
 
 
-def test_settling_pass_runs_the_next_raw_token_of_every_plausible_token(monkeypatch):
+def test_settling_pass_runs_the_next_raw_token_of_every_plausible_token():
     """A step that passes the gate costs one trial pass: it can only emit a token the unsteered model
     finds plausible, and the pass that settles it has run the next raw token of each, so no separate
     raw pass follows (here every plausible token is guessed; by default the most probable few)."""
-    monkeypatch.setattr(engine_module, "MAX_GUESSES", 128)  # the tiny models' vocabulary
     model = tiny_model("llama", seed=5)
-    engine = Engine(model, [1], 0)
+    engine = Engine(model, [1], 0, max_guesses=128)  # the tiny models' vocabulary
     forwards = []
     handle = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     try:
@@ -204,3 +217,22 @@ def test_bad_requests_are_rejected():
         engine.generate([Request([])], SteeringConfig())
     with pytest.raises(ValueError, match="span positions"):
         engine.generate([Request([5, 6, 7], [3])], SteeringConfig())
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_both_attention_kernels_match_oracle(arch_model, kernel):
+    """The fused SDPA branch that GPUs take for packed trial and probe passes, run here on a CPU, and the
+    written-out product: token-exact against the oracle in fp32."""
+    _, model = arch_model
+    engine = Engine(model, [1], 0, kernel=kernel)
+    requests = random_requests(4, seed=21)
+    for request, generation in zip(requests, engine.generate(requests, SteeringConfig(max_new_tokens=MAX_NEW))):
+        assert_matches(generation, oracle(model, request))
+
+
+def test_the_kernel_is_chosen_by_device():
+    model = tiny_model("llama")
+    assert Engine(model, [1]).kernel == "matmul"  # on a CPU
+    assert Engine(model, [1], kernel="sdpa").kernel == "sdpa"
+    with pytest.raises(ValueError, match="kernel must be"):
+        Engine(model, [1], kernel="flash")

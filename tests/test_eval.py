@@ -59,7 +59,8 @@ def test_report_shows_telemetry_quality_and_examples(evaluation):
     assert summary["throughput"]["zero-shot"]["tokens_per_second"] > 0
     page = (output / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4 and 'class="span"' in page and "ifeval-" in page
-    assert "<mark" in page or steering["changed_share"] == 0
+    # steering changed some tokens of these prompts, and the examples highlight them
+    assert steering["changed_share"] > 0 and "<mark" in page
     (output / "report.html").unlink()
     build_report(output)
     assert (output / "report.html").is_file()

@@ -41,6 +41,22 @@ def test_engine_matches_oracle(smollm2, ifeval_prompts, steered):
         assert [(s.trials, s.layers) for s in completion.telemetry] == [(s.trials, s.layers) for s in expected.steps]
 
 
+def test_received_ranking_matches_oracle(smollm2, ifeval_prompts, steered):
+    """The authors' ranking (layers by the disturbance they receive) on the same prompts; it orders the
+    layers otherwise than the paper's formula."""
+    config = SteeringConfig(max_new_tokens=MAX_NEW, ranking="received")
+    prompts = ifeval_prompts[:4]
+    received = Directer(smollm2, config).complete(prompts, config, batch_size=4)
+    for prompt, completion, caused in zip(prompts, received, steered):
+        expected = reference_generate(
+            smollm2.model, prompt.token_ids, prompt.span, max_new_tokens=MAX_NEW,
+            eos_token_ids=smollm2.eos_token_ids, ranking="received",
+        )  # fmt: skip
+        assert completion.token_ids == expected.token_ids
+        assert completion.ranking == expected.ranking != caused.ranking
+        assert [(s.trials, s.layers) for s in completion.telemetry] == [(s.trials, s.layers) for s in expected.steps]
+
+
 def test_telemetry_follows_the_algorithm(steered):
     layer_counts, steps = set(), 0
     for completion in steered:

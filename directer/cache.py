@@ -1,0 +1,109 @@
+"""The engine's KV cache: preallocated, left-padded, one slot per position, rows advancing independently.
+
+The model runs with ``cache=None``: the attention function of :mod:`directer.attention` reads and
+writes this cache itself. It keeps only raw keys and values; the scaled instruction keys a steered
+pass reads are one gathered copy per row and layer, so a trial never copies the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, one slot per position, left-padded rows.
+
+    Buffers are allocated on the first write of each layer, so head counts and sizes come from the
+    model itself. ``pad[b]`` slots at the left of row ``b`` are padding; ``lengths[b]`` slots are
+    written (rows advance independently). When a pass may carry up to ``tokens_per_row`` tokens of a
+    row, scratch slots at the end let it place their own keys and the scaled instruction keys right
+    after the slots it reads.
+    """
+
+    def __init__(self, pad: torch.Tensor, span: torch.Tensor, max_len: int, tokens_per_row: int = 0) -> None:
+        self.pad = pad  # [B] left padding per row
+        self.span = span  # [B, max_len] bool: slots whose keys are steered
+        self.max_len = max_len
+        self.lengths = torch.zeros_like(pad)  # [B] slots written per row
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        # the instruction keys of each row, gathered: [B, S] slots (valid where ``span_valid``), and per
+        # layer their scaled keys and their values, [B, kv_heads, S, dim], taken on the first steered
+        # pass (the prompt's last token is written by the first raw pass, not the prefill)
+        width = int(span.sum(dim=1).max())
+        slot_ids = torch.arange(span.shape[1], device=span.device).expand_as(span)
+        self.span_slots = torch.where(span, slot_ids, span.shape[1]).sort(dim=1).values[:, :width]
+        self.span_valid = self.span_slots < span.shape[1]
+        self.span_slots = self.span_slots.clamp(max=span.shape[1] - 1)
+        self.span_keys: dict[tuple[int, float], torch.Tensor] = {}
+        self.span_values: dict[tuple[int, float], torch.Tensor] = {}
+        self.scratch = tokens_per_row + width if tokens_per_row else 0
+
+    def _buffers(self, layer: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self.keys:
+            shape = (len(self.pad), key.shape[-3], self.max_len + self.scratch, key.shape[-1])
+            self.keys[layer] = key.new_zeros(shape)
+            self.values[layer] = key.new_zeros(shape)
+        return self.keys[layer], self.values[layer]
+
+    def write_prompt(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """``key``/``value`` ``[B, kv_heads, T, dim]`` into slots ``0..T-1`` of every row."""
+        keys, values = self._buffers(layer, key)
+        keys[:, :, : key.shape[2]] = key
+        values[:, :, : key.shape[2]] = value
+
+    def scaled_span(self, layer: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The instruction keys of every row times ``scale``, and their values (kept once made)."""
+        if (layer, scale) not in self.span_keys:
+            rows = torch.arange(len(self.pad), device=self.pad.device)[:, None]
+            keys, values = self.keys[layer][rows, :, self.span_slots], self.values[layer][rows, :, self.span_slots]
+            self.span_keys[layer, scale] = (keys * scale).transpose(1, 2).contiguous()
+            self.span_values[layer, scale] = values.transpose(1, 2).contiguous()
+        return self.span_keys[layer, scale], self.span_values[layer, scale]
+
+    def write_tokens(
+        self, layer: int, rows: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> None:
+        """One token per row: ``key``/``value`` ``[n, kv_heads, dim]`` into slot ``slots[i]`` of row ``rows[i]``."""
+        keys, values = self._buffers(layer, key)
+        keys[rows, :, slots] = key
+        values[rows, :, slots] = value
+
+    def with_scratch(
+        self,
+        layer: int,
+        rows: torch.Tensor | None,
+        length: int,
+        own_key: torch.Tensor,
+        own_value: torch.Tensor,
+        key_scale: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[N, kv_heads, length + P (+ S), dim]`` of the pass rows: their first ``length``
+        slots, then the own key of each of their ``P`` grid cells, then (when a ``key_scale`` is given)
+        the scaled instruction keys. Written in place to the scratch slots for a decoding pass (every row); the
+        ranking probes (``rows`` given, one token per layer in a row) gather theirs."""
+        parts, value_parts = [own_key], [own_value]
+        if key_scale is not None:
+            span_keys, span_values = self.scaled_span(layer, key_scale)
+            parts.append(span_keys)
+            value_parts.append(span_values)
+        if rows is not None:
+            parts[1:] = [part[rows] for part in parts[1:]]
+            value_parts[1:] = [part[rows] for part in value_parts[1:]]
+            keys = torch.cat([self.keys[layer][rows, :, :length], *parts], dim=2)
+            return keys, torch.cat([self.values[layer][rows, :, :length], *value_parts], dim=2)
+        keys, values = self.keys[layer], self.values[layer]
+        end = length
+        for part, value_part in zip(parts, value_parts):
+            keys[:, :, end : end + part.shape[2]] = part
+            values[:, :, end : end + part.shape[2]] = value_part
+            end += part.shape[2]
+        return keys[:, :, :end], values[:, :, :end]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished rows (one copy per event, so later passes stop paying for them)."""
+        self.pad, self.span, self.lengths = self.pad[rows], self.span[rows], self.lengths[rows]
+        self.span_slots, self.span_valid = self.span_slots[rows], self.span_valid[rows]
+        for store in (self.keys, self.values, self.span_keys, self.span_values):
+            for key in store:
+                store[key] = store[key][rows]

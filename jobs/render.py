@@ -1,0 +1,121 @@
+"""What the commands print: tables and highlighted completions, built apart from the commands (Rich)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from directer.pieces import steered_pieces
+from pipeline.outputs import RunOutput
+
+
+def highlight_steered(tokenizer, completion) -> Text:
+    """The completion with every token that steering changed highlighted."""
+    text = Text()
+    for piece, changed in steered_pieces(tokenizer, ((step.token, step.changed) for step in completion.telemetry)):
+        text.append(piece, style="bold black on yellow" if changed else None)
+    return text
+
+
+def summary_line(completion) -> str:
+    summary = asdict(completion.summary)
+    return (
+        f"{summary['steps']} steps: {summary['steered']} steered ({summary['changed']} changed the token), "
+        f"{summary['gate_skips']} skipped by the gate, {summary['fallbacks']} fell back; "
+        f"{summary['trials']} steered passes, mean layers when steered {summary['mean_layers']:.1f}; "
+        f"finish: {completion.finish_reason}"
+    )
+
+
+def comparison(tokenizer, baseline: str, steered: str, results: dict[str, Any]) -> Table:
+    """Two methods' completions side by side, the steered one highlighted."""
+    table = Table(title=f"{baseline} vs {steered}", show_lines=True, expand=True)
+    table.add_column(baseline)
+    table.add_column(f"{steered} (steered tokens highlighted)")
+    table.add_row(Text(results[baseline].text), highlight_steered(tokenizer, results[steered]))
+    return table
+
+
+def generate_report(report) -> Table:
+    """``directer generate``'s summary: rows, tokens, time, steering, cache, first errors."""
+    table = Table(title=f"directer generate -> {report.output}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row(
+        "rows", f"{report.rows} written ({report.ok} ok, {report.errors} error), {report.skipped} already done"
+    )
+    table.add_row("tokens", f"{report.completion_tokens} generated, {report.tokens_per_second:.1f} tokens/s")
+    seconds = report.seconds
+    table.add_row(
+        "time", f"{seconds.get('total', 0):.1f}s (start-up {seconds.get('startup', 0):.1f}s, "
+        f"pipeline {seconds.get('pipeline', 0):.1f}s)"
+    )  # fmt: skip
+    if report.steering.get("steps"):
+        s = report.steering
+        table.add_row(
+            "steering",
+            f"{s['steered']}/{s['steps']} steps steered ({s['changed']} changed the token), "
+            f"{s['gate_skips']} gate skips, {s['fallbacks']} fallbacks, mean layers {s['mean_layers']:.1f}",
+        )
+    if report.ranking_cache:
+        table.add_row("ranking cache", f"{report.ranking_cache['hits']} hits, {report.ranking_cache['misses']} misses")
+    for message in report.error_examples:
+        table.add_row("[red]error[/]", message)
+    return table
+
+
+def examples(output: Path, method: str, count: int) -> Table | None:
+    """A few finished rows of a run: the prompt with its instruction in bold, beside the completion."""
+    columns = ["id", "prompt", "instruction", "completion", "status", "steering"]
+    rows = [r for r in RunOutput(output).rows(columns) if r["status"] == "ok"]
+    if not rows:
+        return None
+    rows.sort(key=lambda r: r["id"])
+    table = Table(title="examples", show_lines=True, expand=True)
+    table.add_column("prompt (instruction in bold)", ratio=2)
+    table.add_column(f"completion ({method})", ratio=3)
+    for row in rows[:count]:
+        prompt, instruction = row.get("prompt") or "", row.get("instruction") or ""
+        text = Text(prompt)
+        if instruction and instruction in prompt:
+            start = prompt.index(instruction)
+            text.stylize("bold yellow", start, start + len(instruction))
+        steering = row.get("steering") or {}
+        note = f"\n[{steering.get('steered', 0)}/{steering.get('steps', 0)} steps steered]" if steering else ""
+        table.add_row(text, Text((row["completion"] or "").strip() + note))
+    return table
+
+
+def accuracy(summary: dict, output: str) -> Table:
+    """IFEval accuracy per method, with the difference to the unsteered method and its interval."""
+    from pipeline.report import METRIC_NAMES, METRICS, accuracy_cells
+
+    table = Table(title=f"IFEval accuracy ({output}/report.html)")
+    table.add_column("method")
+    for metric in METRICS:
+        table.add_column(METRIC_NAMES[metric])
+    for row in accuracy_cells(summary, list(summary["accuracy"])):
+        table.add_row(*row)
+    return table
+
+
+def ratios(values: dict[str, float]) -> Table:
+    table = Table(title="ratios (targets in BENCHMARKS.md)")
+    table.add_column("ratio")
+    table.add_column("value", justify="right")
+    for name, value in values.items():
+        table.add_row(name, f"{value:.2f}")
+    return table
+
+
+def export_counts(report, output: str) -> Table:
+    table = Table(title=f"directer export -> {output}")
+    table.add_column("filter")
+    table.add_column("rows", justify="right")
+    for name, count in report.counts:
+        table.add_row(name, str(count))
+    return table

@@ -1,0 +1,71 @@
+"""A ``directer generate`` output folder: ``data/*.parquet`` (one row per input row) and ``run.json``.
+
+The one place that knows the folder's layout; generate (resume, summary, manifest), evaluation, the
+report, export and the CLI's examples all read a run through it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    folder: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", Path(self.folder))
+
+    @property
+    def data_dir(self) -> Path:
+        return self.folder / "data"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / "run.json"
+
+    def files(self) -> list[Path]:
+        return sorted(self.data_dir.glob("*.parquet")) if self.data_dir.is_dir() else []
+
+    def read(self, columns: list[str] | None = None, files: list[Path] | None = None) -> pa.Table:
+        """The rows of ``files`` (default: all), with the ``columns`` present (default: all); an empty table
+        when there are none."""
+        files = self.files() if files is None else files
+        if not files:
+            return pa.table({})
+        dataset = pads.dataset([str(f) for f in files], format="parquet")
+        present = None if columns is None else [c for c in columns if c in dataset.schema.names]
+        return dataset.to_table(columns=present)
+
+    def rows(self, columns: list[str] | None = None) -> list[dict[str, Any]]:
+        return self.read(columns).to_pylist()
+
+    def ids(self) -> tuple[set[str], bool, int]:
+        """Ids already written (and whether rows without an id were), skipping unreadable files (an
+        interrupted write, renamed ``.broken`` so its rows run again). Returns ``(ids, has_missing_id, rows)``."""
+        ids: set[str] = set()
+        missing, rows = False, 0
+        for path in self.files():
+            try:
+                column = pads.dataset(str(path), format="parquet").to_table(columns=["id"]).column("id")
+            except (pa.ArrowInvalid, OSError):
+                path.rename(path.with_suffix(".parquet.broken"))
+                continue
+            values = column.to_pylist()
+            rows += len(values)
+            missing = missing or any(v is None for v in values)
+            ids.update(v for v in values if v is not None)
+        return ids, missing, rows
+
+    def manifest(self) -> dict[str, Any] | None:
+        return json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else None
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.manifest_path.write_text(json.dumps(manifest, indent=2, default=str))

@@ -56,8 +56,8 @@ class Steerer:
 
     def plausible(self, probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
         """Bool, broadcast: whether tokens of raw probability ``probs`` may be emitted at a step whose raw
-        top-1 has probability ``top1``."""
-        return probs == probs
+        top-1 has probability ``top1``. By default every token: the first variant is always emitted."""
+        return (probs >= 0) | (top1 >= 0)
 
 
 class DirecterSteerer(Steerer):

@@ -205,3 +205,25 @@ def test_a_folder_holding_another_run_is_not_resumed(tmp_path):
     assert other.returncode == 2 and f"inputs {tmp_path / 'a.jsonl'} -> {tmp_path / 'b.jsonl'}" in other.stderr
     assert (output / "run.json").read_text() == manifest
     assert sorted(r["id"] for r in read_output(output)) == ["r0", "r1"]
+
+
+def test_resume_compares_what_changes_the_method_s_tokens(tmp_path):
+    """A folder resumes under settings that do not change its method's tokens (zero-shot ignores beta and
+    the ranking; the trial schedule changes nobody's), and refuses those that do, naming them."""
+    from pipeline.run import check_resumable, write_manifest
+
+    source = tmp_path / "a.jsonl"
+    source.write_text(json.dumps({"id": "r0", "prompt": "Say hi."}) + "\n")
+    files = [str(source.resolve())]
+
+    def config(**steering) -> GenerateConfig:
+        return GenerateConfig(inputs=(str(source),), output=str(tmp_path / "out"), steering=SteeringConfig(**steering))
+
+    write_manifest(config(method="zero-shot"), None, files)
+    check_resumable(config(method="zero-shot", beta=0.9, ranking="received", trial_schedule="lazy"), files)
+    with pytest.raises(ValueError, match="steering.max_new_tokens 256 -> 8"):
+        check_resumable(config(method="zero-shot", max_new_tokens=8), files)
+    write_manifest(config(), None, files)
+    check_resumable(config(trial_schedule="lazy"), files)
+    with pytest.raises(ValueError, match="steering.ranking 'caused' -> 'received'.*--overwrite"):
+        check_resumable(config(ranking="received"), files)

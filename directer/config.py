@@ -18,13 +18,19 @@ RANKINGS: tuple[str, ...] = ("caused", "received")
 class SteeringConfig:
     """Decoding and steering settings; the defaults are the paper's.
 
+    method: a registered steering method (:data:`directer.steering.STEERERS`): ``directer``, ``zero-shot``,
+        ``static``, ``static+gate``.
     alpha: factor applied to the attention keys of the instruction tokens.
     beta: plausibility threshold; a steered token is kept only when the unsteered model gives it
         more than ``beta`` times the probability of its own top-1 token.
     max_trials: steered passes allowed per step before falling back to the unsteered token.
     ranking: how the layers are ordered for the trials after the first (see :mod:`directer.ranking`):
-        ``caused``, the paper's formula (the disturbance steering a layer causes); ``received``, the
-        authors' released code (the disturbance a layer receives).
+        ``caused``, the paper's formula (the disturbance steering a layer causes, averaged over the
+        layers measured); ``received``, the authors' released code (github.com/mjk0618/directer,
+        ``src/generator.py``, ``DirecterGenerator._rank_layers``: the disturbance a layer receives,
+        averaged over the single-layer probes), for reproducing the authors' runs.
+    static_layers: the layers ``static`` and ``static+gate`` steer: 0, every layer; ``k``, the ``k`` most
+        sensitive of the ranking.
     trial_schedule: ``batched`` runs all remaining trials of a step as variants of one pass; ``lazy``
         one trial per pass; ``auto`` is the engine's choice, ``batched`` (measured faster on a CPU in
         BENCHMARKS.md; memory-bound GPU decoding favours it further). All give the same tokens.
@@ -36,6 +42,7 @@ class SteeringConfig:
     max_trials: int = 10
     max_new_tokens: int = 256
     ranking: Ranking = "caused"
+    static_layers: int = 0
     trial_schedule: TrialSchedule = "auto"
 
     def __post_init__(self) -> None:
@@ -49,6 +56,8 @@ class SteeringConfig:
             raise ValueError(f"max_trials must be at least 1, got {self.max_trials}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.static_layers < 0:
+            raise ValueError(f"static_layers must be 0 (every layer) or a layer count, got {self.static_layers}")
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
         if self.trial_schedule not in ("auto", "lazy", "batched"):

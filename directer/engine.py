@@ -223,12 +223,14 @@ class _Decoding:
         cells = torch.arange(sizes.shape[1], device=rows.device)[None, :]
         variant_cells = torch.minimum(cells, chunk[:, None] - 1)
         steered = logits[plan.starts[rows, None] + variant_cells].argmax(-1)  # [R, W]
-        accepted = self.steerer.plausible(state.raw_probs[rows].gather(1, steered), state.top1[rows, None])
+        steered_probs = state.raw_probs[rows].gather(1, steered)
+        accepted = self.steerer.plausible(steered_probs, state.top1[rows, None])
         accepted &= cells < chunk[:, None]
         won = accepted.any(dim=1)
         pick = accepted.int().argmax(dim=1)
         state.trials[rows] += torch.where(won, pick + 1, chunk)
         state.out_token[rows[won]] = steered[won, pick[won]]
+        state.out_prob[rows[won]] = steered_probs[won, pick[won]]
         state.layers[rows[won]] = sizes[won, pick[won]]
         state.next_trial[rows] += chunk
         settled = won | (state.next_trial[rows] >= len(self.layer_sets))
@@ -257,6 +259,7 @@ class _Decoding:
         top = probs.topk(max(2, guesses), dim=-1)
         state.raw_token[rows], state.out_token[rows] = top.indices[:, 0], top.indices[:, 0]
         state.top1[rows], state.top2[rows] = top.values[:, 0], top.values[:, 1]
+        state.out_prob[rows] = top.values[:, 0]
         state.trials[rows], state.layers[rows] = 0, 0
         steerable = state.steerable[rows]
         # no steered token can be emitted when even the second-best raw token is not plausible
@@ -284,7 +287,7 @@ class _Decoding:
         record = torch.stack(
             [state.raw_token[rows].double(), state.top1[rows].double(), state.top2[rows].double(),
              state.gate_skipped[rows].double(), state.trials[rows].double(), state.layers[rows].double(),
-             token.double()],
+             token.double(), state.out_prob[rows].double()],
             dim=1,
         )  # fmt: skip
         self.records.append((state.order[rows].cpu(), record.cpu()))
@@ -319,7 +322,7 @@ class _Decoding:
         per_row: list[list[StepTelemetry]] = [[] for _ in self.requests]
         for order, record in self.records:
             for row, values in zip(order.tolist(), record.tolist()):
-                raw, p1, p2, skipped, trials, layers, token = values
+                raw, p1, p2, skipped, trials, layers, token, token_prob = values
                 per_row[row].append(
                     StepTelemetry(
                         raw_token=int(raw),
@@ -329,6 +332,7 @@ class _Decoding:
                         trials=int(trials),
                         layers=int(layers),
                         token=int(token),
+                        token_raw_prob=token_prob,
                         changed=int(token) != int(raw),
                     )
                 )

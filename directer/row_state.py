@@ -29,6 +29,7 @@ class RowState:
     trials: torch.Tensor
     layers: torch.Tensor
     out_token: torch.Tensor
+    out_prob: torch.Tensor  # raw probability of ``out_token``
 
     @classmethod
     def start(cls, last_tokens: torch.Tensor, steerable: torch.Tensor, num_layers: int, guesses: int) -> RowState:
@@ -55,6 +56,7 @@ class RowState:
             trials=zeros(),
             layers=zeros(),
             out_token=zeros(),
+            out_prob=zeros(torch.float32),
         )
 
     def __len__(self) -> int:

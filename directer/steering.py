@@ -87,6 +87,42 @@ class DirecterSteerer(Steerer):
         return probs > self.config.beta * top1
 
 
+class StaticSteerer(Steerer):
+    """The instruction keys scaled by ``alpha`` in one fixed layer set at every step, its token emitted
+    whatever the unsteered model thinks of it: the oversteering baseline. ``static_layers`` 0 steers
+    every layer; ``k`` the ``k`` most sensitive layers of the ranking."""
+
+    name = "static"
+    steers = True
+    fields = ("alpha", "static_layers", "ranking")
+
+    @property
+    def ranking(self) -> Ranking | None:
+        return self.config.ranking if self.config.static_layers else None
+
+    @property
+    def key_scale(self) -> float:
+        return self.config.alpha
+
+    def layer_sets(self, num_layers: int) -> list[int]:
+        return [min(self.config.static_layers or num_layers, num_layers)]
+
+
+class StaticGateSteerer(StaticSteerer):
+    """``static`` under the paper's plausibility filter: one steered pass, whose token is emitted when
+    ``p[j*] > beta * p[i*]``, else the unsteered token (no weakening: halving the layer set over the
+    ranking would be Directer itself). The gate applies from the first step (it is exact)."""
+
+    name = "static+gate"
+    fields = (*StaticSteerer.fields, "beta")
+
+    def gated(self, first_step: bool) -> bool:
+        return True
+
+    def plausible(self, probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
+        return probs > self.config.beta * top1
+
+
 def trial_sizes(num_layers: int, max_trials: int) -> list[int]:
     """Layer-set sizes tried in order: L, L//2, L//4, ... while more than one layer and trials remain."""
     sizes, size, trial = [], num_layers, 1
@@ -112,3 +148,5 @@ def steerer_for(config: SteeringConfig) -> Steerer:
 
 register_steerer(Steerer)
 register_steerer(DirecterSteerer)
+register_steerer(StaticSteerer)
+register_steerer(StaticGateSteerer)

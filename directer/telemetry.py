@@ -15,7 +15,12 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class StepTelemetry:
-    """What happened at one decoding step of one row (``layers == 0``: no steered token emitted)."""
+    """What happened at one decoding step of one row (``layers == 0``: no steered token emitted).
+
+    raw_token, raw_prob, top2_prob: the unsteered top-1 token, its probability, the second-best's.
+    trials: steered passes run; layers: the layer count of the one emitted (0: none was).
+    token, token_raw_prob: the emitted token and its unsteered probability.
+    """
 
     raw_token: int
     raw_prob: float
@@ -24,6 +29,7 @@ class StepTelemetry:
     trials: int = field(metadata={"arrow": "int8"})
     layers: int = field(metadata={"arrow": "int16"})
     token: int
+    token_raw_prob: float
     changed: bool
 
     @property

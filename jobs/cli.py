@@ -54,6 +54,9 @@ RankingOption = Annotated[
         "paper's formula) or receives (the authors' code)."
     ),
 ]
+StaticLayersOption = Annotated[
+    int, typer.Option(help="static, static+gate: layers steered, 0 for all, k for the k most sensitive.", min=0)
+]
 AlphaOption = Annotated[float, typer.Option(help="Scale of the instruction tokens' attention keys.")]
 BetaOption = Annotated[
     float, typer.Option(help="Plausibility threshold: keep a steered token only above beta x raw top-1.")
@@ -161,6 +164,7 @@ def run(
     beta: BetaOption = 0.5,
     max_trials: MaxTrialsOption = 10,
     ranking: RankingOption = "caused",
+    static_layers: StaticLayersOption = 0,
     max_new_tokens: MaxNewTokensOption = 256,
     spans: SpansOption = "auto",
     compare: Annotated[
@@ -249,6 +253,7 @@ def generate(
     beta: BetaOption = 0.5,
     max_trials: MaxTrialsOption = 10,
     ranking: RankingOption = "caused",
+    static_layers: StaticLayersOption = 0,
     ranking_cache: Annotated[
         str | None, typer.Option(help="Folder of cached layer rankings; default OUTPUT/ranking_cache.")
     ] = None,
@@ -319,6 +324,7 @@ def evaluate(
     alpha: AlphaOption = 100.0,
     beta: BetaOption = 0.5,
     ranking: RankingOption = "caused",
+    static_layers: StaticLayersOption = 0,
     actors: Annotated[int | None, typer.Option(help="Model copies (Ray actors); default one per GPU, or one.")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows decoded together by one actor.")] = 16,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor.")] = None,
@@ -386,6 +392,7 @@ def bench(
     beta: BetaOption = 0.5,
     max_trials: MaxTrialsOption = 10,
     ranking: RankingOption = "caused",
+    static_layers: StaticLayersOption = 0,
     model: ModelOption = "smollm2-135m",
     b1_prompts: Annotated[int, typer.Option(help="Prompts for the batch-size-1 runs (the reference is slow).")] = 4,
     pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="Also time the Ray pipeline.")] = True,

@@ -50,6 +50,16 @@ def ensure_punkt() -> Path:
     return folder
 
 
+@functools.cache
+def seed_language_detection() -> None:
+    """IFEval's language check calls ``langdetect``, which samples at random: unseeded, one response
+    scored both ways in two runs (a list of "Bullet point one." lines: English or French). Seeded, a
+    response has one verdict (langdetect's documented remedy)."""
+    from langdetect import DetectorFactory
+
+    DetectorFactory.seed = 0
+
+
 @dataclass(frozen=True)
 class Verdict:
     """IFEval's verdicts on one response: per instruction and for the whole prompt, strict and loose."""
@@ -72,6 +82,7 @@ def score_response(
 ) -> Verdict:
     """Check ``response`` against the prompt's verifiable instructions with lm-eval's IFEval code."""
     ensure_punkt()
+    seed_language_detection()
     from lm_eval.tasks.ifeval.utils import process_results
 
     if isinstance(kwargs, str):

@@ -73,3 +73,15 @@ def test_prompt_level_needs_every_instruction():
         "Answer.", ["change_case:english_lowercase", "punctuation:no_comma"], [{}, {}], "all lowercase, with a comma"
     )
     assert verdict.strict == [True, False] and not verdict.prompt_strict
+
+
+def test_the_language_check_gives_one_verdict_per_response():
+    """langdetect samples; unseeded, this response (seen in a full IFEval run) was English in one run and
+    French in the next."""
+    numbers = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven")
+    response = "".join(f"* Bullet point {n}.\n" for n in (*numbers, *["twelve"] * 10)) + "* Bullet"
+    verdicts = {
+        score_response("Answer in English.", ["language:response_language"], [{"language": "en"}], response).strict[0]
+        for _ in range(30)
+    }
+    assert len(verdicts) == 1

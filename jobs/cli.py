@@ -196,7 +196,7 @@ def run(
         built = runner.prompt(prompt, instruction)
         if not built.span and config.steers:
             console.print("[yellow]no instruction given or found: nothing to steer, the output is zero-shot[/]")
-        elif built.span_source == "auto":
+        elif built.span and built.span_source == "auto":
             detected = " | ".join(built.text[start:end] for start, end in built.char_spans)
             console.print(f"[dim]instruction detected: {detected}[/]")
     except (ModelNotFoundError, SpanError, ValueError) as error:

@@ -78,3 +78,10 @@ def test_non_latin_text_is_printed_whole():
     assert any(ord(c) > 0x3000 for c in completion), completion  # the model answered in Japanese
     assert "\ufffd" not in shown.stdout
     assert "".join(shown.stdout.split()) == "".join(completion.split())
+
+
+def test_run_without_an_instruction_and_compare_without_steering():
+    plain = directer("run", "Describe Paris.", "--method", "zero-shot", "--max-new-tokens", "2")
+    assert plain.returncode == 0 and "instruction detected" not in plain.stderr, plain.stderr
+    refused = directer("run", "Describe Paris.", "--method", "zero-shot", "--compare")
+    assert refused.returncode == 2 and "--method zero-shot does not steer" in refused.stderr

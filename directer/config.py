@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 from directer.steering import STEERERS, Steerer, steerer_for
 
 TrialSchedule = Literal["auto", "lazy", "batched"]
 Ranking = Literal["caused", "received"]
-RANKINGS: tuple[str, ...] = ("caused", "received")
+RANKINGS: tuple[str, ...] = get_args(Ranking)
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class SteeringConfig:
             raise ValueError(f"static_layers must be 0 (every layer) or a layer count, got {self.static_layers}")
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
-        if self.trial_schedule not in ("auto", "lazy", "batched"):
+        if self.trial_schedule not in get_args(TrialSchedule):
             raise ValueError(f"trial_schedule must be auto, lazy or batched, got {self.trial_schedule!r}")
 
     @property

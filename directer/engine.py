@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from transformers import PreTrainedModel
@@ -91,7 +91,7 @@ class Engine:
         kernel: KernelChoice = "auto",
         max_guesses: int = MAX_GUESSES,
     ) -> None:
-        if kernel not in ("auto", "sdpa", "matmul"):
+        if kernel not in get_args(KernelChoice):
             raise ValueError(f"kernel must be auto, sdpa or matmul, got {kernel!r}")
         self.model = model.eval()
         self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=model.device)

@@ -12,7 +12,7 @@ runs the raw pass and then asks the row's :class:`Steerer`:
 - :meth:`~Steerer.gated`: whether a step whose second-best raw token is not plausible skips its
   variants (no steered token could then be emitted: it is exact, not a heuristic);
 - :attr:`~Steerer.key_scale`: what a steered layer changes in attention, the factor on the keys of
-  the instruction tokens.
+  the instruction tokens (``alpha`` unless a method says otherwise).
 
 A method is one subclass and one :func:`register_steerer` line; ``SteeringConfig.method`` is validated
 against the registry, and the pipeline, evaluation, report and CLI ask the registry, never a name.
@@ -46,7 +46,7 @@ class Steerer:
 
     @property
     def key_scale(self) -> float:
-        return 1.0
+        return self.config.alpha
 
     def layer_sets(self, num_layers: int) -> list[int]:
         return []
@@ -73,10 +73,6 @@ class DirecterSteerer(Steerer):
     def ranking(self) -> Ranking:
         return self.config.ranking
 
-    @property
-    def key_scale(self) -> float:
-        return self.config.alpha
-
     def layer_sets(self, num_layers: int) -> list[int]:
         return trial_sizes(num_layers, self.config.max_trials)
 
@@ -100,10 +96,6 @@ class StaticSteerer(Steerer):
     def ranking(self) -> Ranking | None:
         return self.config.ranking if self.config.static_layers else None
 
-    @property
-    def key_scale(self) -> float:
-        return self.config.alpha
-
     def layer_sets(self, num_layers: int) -> list[int]:
         return [min(self.config.static_layers or num_layers, num_layers)]
 
@@ -116,11 +108,10 @@ class StaticGateSteerer(StaticSteerer):
     name = "static+gate"
     fields = (*StaticSteerer.fields, "beta")
 
+    plausible = DirecterSteerer.plausible  # the paper's test, p[j*] > beta * p[i*]
+
     def gated(self, first_step: bool) -> bool:
         return True
-
-    def plausible(self, probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
-        return probs > self.config.beta * top1
 
 
 def trial_sizes(num_layers: int, max_trials: int) -> list[int]:

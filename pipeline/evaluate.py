@@ -105,7 +105,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     for method in config.methods:
         run = GenerateConfig(
             inputs=(str(inputs),),
-            output=str(output / "runs" / method),
+            output=str(RunOutput.of_method(output, method).folder),
             model=config.model,
             steering=replace(config.steering, method=method),
             actors=config.actors,
@@ -128,17 +128,12 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     return build_report(output)
 
 
-def method_run(output: Path, method: str) -> RunOutput:
-    """The ``directer generate`` output of one method of an evaluation."""
-    return RunOutput(Path(output) / "runs" / method)
-
-
 def score_runs(output: Path, methods: tuple[str, ...] | list[str]) -> pa.Table:
     """``scores.parquet``: one row per (method, prompt, instruction) with strict and loose verdicts."""
     inputs = {r["id"]: r for r in pq.read_table(output / "inputs.parquet").to_pylist()}
     records = []
     for method in methods:
-        for row in method_run(output, method).rows():
+        for row in RunOutput.of_method(output, method).rows():
             source = inputs[row["id"]]
             ids = list(source["instruction_id_list"])
             if row["status"] != "ok":

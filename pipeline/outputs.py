@@ -66,6 +66,11 @@ class RunOutput:
     def manifest(self) -> dict[str, Any] | None:
         return json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else None
 
+    @classmethod
+    def of_method(cls, evaluation: Path, method: str) -> RunOutput:
+        """The run of one method inside a ``directer eval`` output folder (``runs/<method>``)."""
+        return cls(Path(evaluation) / "runs" / method)
+
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.manifest_path.write_text(json.dumps(manifest, indent=2, default=str))

@@ -144,7 +144,7 @@ def build_report(output: Path) -> dict[str, Any]:
     config = json.loads((output / "eval.json").read_text())
     methods = list(config["methods"])
     scores = pq.read_table(output / "scores.parquet").to_pylist()
-    runs = {m: RunOutput(output / "runs" / m).rows() for m in methods}
+    runs = {m: RunOutput.of_method(output, m).rows() for m in methods}
     generation = json.loads((output / "generation_reports.json").read_text())
     summary = {
         "config": config,

@@ -250,9 +250,9 @@ def write_manifest(config: GenerateConfig, report: RunReport | None, input_files
     output = config.run_output
     before = output.manifest()
     previous = before.get("invocations", []) if before and not config.overwrite else []
-    status = output.read(["status"]).to_pylist()
-    ok = sum(r["status"] == "ok" for r in status)
-    totals = {"rows": len(status), "ok": ok, "error": len(status) - ok}
+    table = output.read(["status"])
+    ok = (pc.sum(pc.equal(table["status"], "ok")).as_py() or 0) if table.num_rows else 0
+    totals = {"rows": table.num_rows, "ok": ok, "error": table.num_rows - ok}
     manifest = {
         "config": {**config.to_dict(), "ranking_cache": str(config.ranking_cache_dir)},
         "config_fingerprint": config.steering.fingerprint(),

@@ -30,10 +30,6 @@ class AllLayersOnce(Steerer):
     steers = True
     fields = ("alpha", "beta")
 
-    @property
-    def key_scale(self) -> float:
-        return self.config.alpha
-
     def layer_sets(self, num_layers: int) -> list[int]:
         return [num_layers]
 

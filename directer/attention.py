@@ -11,6 +11,9 @@ layers. The cache keeps one scaled copy of those keys per row and layer (made on
 pass); a steered token attends to the scaled copies in place of the originals, so the cache is never
 copied for a trial and its keys never change (as in the plain reference, the scale applies to the
 keys, not the scores).
+
+A stream method (PASTA, SpotLight) steers a second copy of every row instead, the second half of the
+cache rows: those rows' scores get the steerer's bias (:func:`_steered_attend`), from the prefill on.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 
 from directer.passes import ForwardPass
+from directer.steering import KeyRoles, Steerer
 
 ATTENTION_NAME = "directer"
 
@@ -70,7 +74,19 @@ def _prefill(
         allowed = allowed & (slots[:, None] - slots[None, :] < sliding_window)
     allowed = allowed[None] & (slots[None, :] >= fp.cache.pad[:, None])[:, None, :]
     allowed = allowed | torch.eye(length, dtype=torch.bool, device=query.device)[None]  # pad rows
-    out = _attend(query, key, value, allowed[:, None], scaling, softcap)
+    allowed = allowed[:, None]
+    if fp.stream is None:
+        out = _attend(query, key, value, allowed, scaling, softcap)
+    else:
+        half = len(query) // 2
+        real = slots[None, :] >= fp.cache.pad[half:, None]
+        roles = KeyRoles(fp.cache.span[half:, :length], real, real, query.shape[1])
+        raw = _attend(query[:half], key[:half], value[:half], allowed[:half], scaling, softcap)
+        steered = _steered_attend(
+            fp.stream, layer, roles, query[half:], key[half:], value[half:], allowed[half:], scaling, softcap,
+            fused=fp.kernel == "sdpa",
+        )  # fmt: skip
+        out = torch.cat([raw, steered])
     return out.transpose(1, 2).contiguous()
 
 
@@ -112,7 +128,17 @@ def _decode(
     if fp.raw_only:
         length = fp.length + 1
         keys, values = cache.keys[layer][:, :, :length], cache.values[layer][:, :, :length]
-        out = _attend(query[0].transpose(0, 1)[:, :, None], keys, values, fp.raw_mask(sliding_window), scaling, softcap)
+        queries, mask = query[0].transpose(0, 1)[:, :, None], fp.raw_mask(sliding_window)
+        if fp.stream is None:
+            out = _attend(queries, keys, values, mask, scaling, softcap)
+        else:
+            half = len(keys) // 2
+            raw = _attend(queries[:half], keys[:half], values[:half], mask[:half], scaling, softcap)
+            steered = _steered_attend(
+                fp.stream, layer, fp.stream_roles(query.shape[1]), queries[half:], keys[half:], values[half:],
+                mask[half:], scaling, softcap, fused=fp.kernel == "sdpa",
+            )  # fmt: skip
+            out = torch.cat([raw, steered])
         return out.transpose(1, 2).reshape(1, -1, query.shape[1], query.shape[3])
     own_key, own_value = _to_grid(fp, key), _to_grid(fp, value)
     scale = fp.key_scale if fp.steers(layer) else None
@@ -134,19 +160,65 @@ def _attend(
     """Masked attention ``[N, heads, P, dim]`` over ``keys``/``values`` ``[N, kv_heads, K, dim]``: one SDPA
     call when ``fused`` and the model does not soft-cap its logits, else the product written out with
     the query heads of each key head folded together (faster on a CPU for a few queries per row)."""
+    if fused and softcap is None:
+        gqa = query.shape[1] > keys.shape[1]
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    scores = _masked_scores(query, keys, mask, scaling, softcap)
+    return _weighted(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), values)
+
+
+def _steered_attend(
+    steerer: Steerer,
+    layer: int,
+    roles: KeyRoles,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+    fused: bool,
+) -> torch.Tensor:
+    """:func:`_attend` with the steerer's bias on the scores: a fixed bias joins the mask of the fused
+    call; a bias computed from the attention weights (``needs_weights``) takes the written-out path."""
+    if steerer.needs_weights:
+        scores = _masked_scores(query, keys, mask, scaling, softcap)
+        bias = steerer.score_bias(layer, roles, torch.softmax(scores, dim=-1, dtype=torch.float32))
+    else:
+        bias = steerer.score_bias(layer, roles, None)
+        if bias is None:
+            return _attend(query, keys, values, mask, scaling, softcap, fused)
+        if fused and softcap is None:
+            edited = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            edited = edited + bias.to(query.dtype)
+            gqa = query.shape[1] > keys.shape[1]
+            return F.scaled_dot_product_attention(query, keys, values, attn_mask=edited, scale=scaling, enable_gqa=gqa)
+        scores = _masked_scores(query, keys, mask, scaling, softcap)
+    if bias is not None:
+        scores = scores + bias
+    return _weighted(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), values)
+
+
+def _masked_scores(
+    query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scaling: float, softcap: float | None
+) -> torch.Tensor:
+    """Scores ``[N, heads, P, K]``, soft-capped, ``-inf`` where ``mask`` hides the key; the query heads of
+    each key head folded together for one product (faster on a CPU for a few queries per row)."""
     rows, heads, width, dim = query.shape
     kv_heads = keys.shape[1]
-    groups = heads // kv_heads
-    if fused and softcap is None:
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
-    grouped = query.reshape(rows, kv_heads, groups * width, dim)
+    grouped = query.reshape(rows, kv_heads, heads // kv_heads * width, dim)
     scores = torch.matmul(grouped, keys.transpose(2, 3)).view(rows, heads, width, -1) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    bias = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    probs = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(probs.view(rows, kv_heads, groups * width, -1), values)
-    return out.view(rows, heads, width, dim)
+    return scores + torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _weighted(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``probs [N, heads, P, K]`` times ``values [N, kv_heads, K, dim]``: ``[N, heads, P, dim]``."""
+    rows, heads, width, keys = probs.shape
+    kv_heads = values.shape[1]
+    out = torch.matmul(probs.reshape(rows, kv_heads, heads // kv_heads * width, keys), values)
+    return out.view(rows, heads, width, -1)
 
 
 AttentionInterface.register(ATTENTION_NAME, directer_attention)

@@ -20,10 +20,13 @@ class KVCache:
     after the slots it reads.
     """
 
-    def __init__(self, pad: torch.Tensor, span: torch.Tensor, max_len: int, tokens_per_row: int = 0) -> None:
+    def __init__(
+        self, pad: torch.Tensor, span: torch.Tensor, max_len: int, tokens_per_row: int = 0, prompt_end: int = 0
+    ) -> None:
         self.pad = pad  # [B] left padding per row
         self.span = span  # [B, max_len] bool: slots whose keys are steered
         self.max_len = max_len
+        self.prompt_end = prompt_end  # slots before it hold prompt tokens (or padding), the rest generated ones
         self.lengths = torch.zeros_like(pad)  # [B] slots written per row
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}

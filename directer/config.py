@@ -12,6 +12,8 @@ from directer.steering import STEERERS, Steerer, steerer_for
 TrialSchedule = Literal["auto", "lazy", "batched"]
 Ranking = Literal["caused", "received"]
 RANKINGS: tuple[str, ...] = get_args(Ranking)
+SpotLightBias = Literal["reference", "exact"]
+SPOTLIGHT_BIASES: tuple[str, ...] = get_args(SpotLightBias)
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,7 @@ class SteeringConfig:
     """Decoding and steering settings; the defaults are the paper's.
 
     method: a registered steering method (:data:`directer.steering.STEERERS`): ``directer``, ``zero-shot``,
-        ``static``, ``static+gate``.
+        ``static``, ``static+gate``, ``pasta``, ``pasta+gate``, ``spotlight``, ``spotlight+gate``.
     alpha: factor applied to the attention keys of the instruction tokens.
     beta: plausibility threshold; a steered token is kept only when the unsteered model gives it
         more than ``beta`` times the probability of its own top-1 token.
@@ -31,6 +33,14 @@ class SteeringConfig:
         averaged over the single-layer probes), for reproducing the authors' runs.
     static_layers: the layers ``static`` and ``static+gate`` steer: 0, every layer; ``k``, the ``k`` most
         sensitive of the ranking.
+    pasta_coef: ``pasta``: the factor on the attention weights of the prompt tokens outside the
+        instruction (``log(pasta_coef)`` added to their scores); pastalib's default, 0.01.
+    pasta_heads: ``pasta``: JSON ``{"layer": [head, ...]}`` as pastalib's ``head_config``; empty, every
+        head of the middle half of the layers (:class:`~directer.steering.PastaSteerer`).
+    spotlight_target: ``spotlight``: the attention mass on the instruction it lifts rows to; the
+        reference's default, 0.2.
+    spotlight_bias: ``spotlight``: ``reference`` (``log(c / p)``, as the reference code) or ``exact``
+        (the bias that reaches the target exactly); see :class:`~directer.steering.SpotLightSteerer`.
     trial_schedule: ``batched`` runs all remaining trials of a step as variants of one pass; ``lazy``
         one trial per pass; ``auto`` is the engine's choice, ``batched`` (measured faster on a CPU in
         BENCHMARKS.md; memory-bound GPU decoding favours it further). All give the same tokens.
@@ -43,6 +53,10 @@ class SteeringConfig:
     max_new_tokens: int = 256
     ranking: Ranking = "caused"
     static_layers: int = 0
+    pasta_coef: float = 0.01
+    pasta_heads: str = ""
+    spotlight_target: float = 0.2
+    spotlight_bias: SpotLightBias = "reference"
     trial_schedule: TrialSchedule = "auto"
 
     def __post_init__(self) -> None:
@@ -60,6 +74,15 @@ class SteeringConfig:
             raise ValueError(f"static_layers must be 0 (every layer) or a layer count, got {self.static_layers}")
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
+        if not 0.0 < self.pasta_coef <= 1.0:
+            raise ValueError(f"pasta_coef must lie in (0, 1], got {self.pasta_coef}")
+        if self.pasta_heads:
+            _check_head_config(self.pasta_heads)
+        if not 0.0 < self.spotlight_target < 1.0:
+            raise ValueError(f"spotlight_target must lie in (0, 1), got {self.spotlight_target}")
+        if self.spotlight_bias not in SPOTLIGHT_BIASES:
+            choices = ", ".join(SPOTLIGHT_BIASES)
+            raise ValueError(f"spotlight_bias must be one of {choices}, got {self.spotlight_bias!r}")
         if self.trial_schedule not in get_args(TrialSchedule):
             raise ValueError(f"trial_schedule must be auto, lazy or batched, got {self.trial_schedule!r}")
 
@@ -89,3 +112,18 @@ class SteeringConfig:
         """Short stable hash of :meth:`token_fields`."""
         blob = json.dumps(self.token_fields(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _check_head_config(text: str) -> None:
+    """A PASTA head config: a JSON object, layer (a number, as a string key) -> list of head numbers."""
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"pasta_heads is not JSON ({error})") from None
+    if not isinstance(config, dict) or not config:
+        raise ValueError('pasta_heads must be a JSON object such as {"3": [17, 7], "8": [28]}')
+    for layer, heads in config.items():
+        if not str(layer).isdigit():
+            raise ValueError(f"pasta_heads: {layer!r} is not a layer number")
+        if not isinstance(heads, list) or not heads or not all(isinstance(h, int) and h >= 0 for h in heads):
+            raise ValueError(f"pasta_heads: layer {layer} needs a non-empty list of head numbers, got {heads!r}")

@@ -146,8 +146,13 @@ class _Decoding:
             span[row, [width - len(request.prompt_ids) + p for p in request.span]] = True
         self.layer_sets = self.steerer.layer_sets(engine.num_layers)
         tokens_per_row = len(self.layer_sets) + engine.max_guesses if self.layer_sets else 0
-        self.cache = KVCache(width - lengths, span, width + config.max_new_tokens, tokens_per_row)
-        self.prompt = ids
+        # a stream method's steered stream: a second copy of every row, the second half of the cache rows
+        streams = 2 if self.steerer.stream else 1
+        self.cache = KVCache(
+            (width - lengths).repeat(streams), span.repeat(streams, 1), width + config.max_new_tokens,
+            0 if self.steerer.stream else tokens_per_row, prompt_end=width,
+        )  # fmt: skip
+        self.prompt = ids.repeat(streams, 1)
         # a row without an instruction span has nothing to steer: it decodes as zero-shot
         steerable = torch.tensor([bool(r.span) and bool(self.layer_sets) for r in requests], device=device)
         self.rows = RowState.start(ids[:, -1], steerable, engine.num_layers, engine.max_guesses)
@@ -164,7 +169,10 @@ class _Decoding:
         self._prefill()
         first = True
         while len(self.rows):
-            self._pass(first)
+            if self.steerer.stream:
+                self._stream_pass()
+            else:
+                self._pass(first)
             first = False
         return self._results()
 
@@ -179,7 +187,7 @@ class _Decoding:
                 position_ids=positions,
                 use_cache=False,
                 logits_to_keep=1,
-                directer_pass=ForwardPass(cache, prefill=True),
+                directer_pass=ForwardPass(cache, prefill=True, kernel=self.engine.kernel, stream=self._stream()),
             )
         cache.lengths += self.prompt.shape[1] - 1
 
@@ -211,6 +219,38 @@ class _Decoding:
             keep = (~done).nonzero().squeeze(1)
             self.cache.keep_rows(keep)
             self.rows.keep(keep)
+
+    def _stream(self):
+        return self.steerer if self.steerer.stream else None
+
+    def _stream_pass(self) -> None:
+        """One pass of both streams of every active row (a stream method): the raw half gives the
+        unsteered distribution, the steered half the method's token, emitted when the steerer finds it
+        plausible, else the raw top-1; the step's token then feeds both streams."""
+        state, cache, count = self.rows, self.cache, len(self.rows)
+        tokens = state.token.repeat(2)
+        write = torch.ones_like(tokens, dtype=torch.bool)
+        fp = ForwardPass(
+            cache, slots=cache.lengths.clone(), write=write, kernel=self.engine.kernel, stream=self.steerer
+        )
+        logits = self.engine.forward(tokens, cache.lengths - cache.pad, fp)
+        cache.lengths += 1
+        probs = torch.softmax(logits[:count], dim=-1)
+        top = probs.topk(2, dim=-1)
+        steered = logits[count:].argmax(-1)
+        steered_prob = probs.gather(1, steered[:, None])[:, 0]
+        accepted = state.steerable & self.steerer.plausible(steered_prob, top.values[:, 0])
+        state.raw_token, state.top1, state.top2 = top.indices[:, 0], top.values[:, 0], top.values[:, 1]
+        state.gate_skipped[:] = False
+        state.trials = state.steerable.long()
+        state.layers = torch.where(accepted, self.layer_sets[0] if self.layer_sets else 0, 0)
+        state.out_token = torch.where(accepted, steered, state.raw_token)
+        state.out_prob = torch.where(accepted, steered_prob, state.top1)
+        done = self._emit(torch.arange(count, device=tokens.device))
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            cache.keep_rows(torch.cat([keep, keep + count]))
+            state.keep(keep)
 
     def _settle_trials(
         self, plan: PassPlan, logits: torch.Tensor, ends: torch.Tensor

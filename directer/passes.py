@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from directer.cache import KVCache
+from directer.steering import KeyRoles, Steerer
 
 Kernel = Literal["sdpa", "matmul"]
 
@@ -37,6 +38,8 @@ class ForwardPass:
         see :class:`directer.engine.Engine`.
     reaches: per steered layer, ``[N, P]`` bool: which tokens saw any scaled key there (a sliding
         window may hide them all; then steering that layer changes nothing).
+    stream: a stream method's steerer: the second half of the cache rows is the steered stream of the
+        first, and its attention scores get the steerer's :meth:`~directer.steering.Steerer.score_bias`.
     """
 
     cache: KVCache
@@ -49,6 +52,7 @@ class ForwardPass:
     steer: torch.Tensor | None = None
     key_scale: float = 1.0
     kernel: Kernel = "sdpa"
+    stream: Steerer | None = None
     stashed: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     reaches: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _memo: dict[object, object] = field(default_factory=dict, repr=False)
@@ -160,6 +164,18 @@ class ForwardPass:
             return visible[:, None, None, :]
 
         return self._once(("raw_mask", sliding_window), make)
+
+    def stream_roles(self, num_heads: int) -> KeyRoles:
+        """The steered stream's keys in a :attr:`raw_only` pass (slots up to the last one written)."""
+
+        def make() -> KeyRoles:
+            cache, half = self.cache, len(self.cache.pad) // 2
+            slot_ids = torch.arange(self.length + 1, device=cache.pad.device)
+            prompt = (slot_ids >= cache.pad[half:, None]) & (slot_ids < cache.prompt_end)
+            queries = torch.ones(half, 1, dtype=torch.bool, device=cache.pad.device)
+            return KeyRoles(cache.span[half:, : self.length + 1], prompt, queries, num_heads)
+
+        return self._once(("stream_roles", num_heads), make)
 
     def span(self) -> torch.Tensor:
         """``[N, length]`` bool: which of the readable slots hold instruction tokens."""

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from directer.config import RANKINGS, SteeringConfig
+from directer.config import RANKINGS, SPOTLIGHT_BIASES, SteeringConfig
 from directer.steering import STEERERS
 from jobs import render
 from jobs.signals import Interrupted, stop_on_signals
@@ -56,6 +56,27 @@ RankingOption = Annotated[
 ]
 StaticLayersOption = Annotated[
     int, typer.Option(help="static, static+gate: layers steered, 0 for all, k for the k most sensitive.", min=0)
+]
+PastaCoefOption = Annotated[
+    float, typer.Option(help="pasta: factor on the attention to prompt tokens outside the instruction.")
+]
+PastaHeadsOption = Annotated[
+    str,
+    typer.Option(
+        help='pasta: heads to steer, JSON {"layer": [head, ...]} (pastalib\'s head_config) or a .json file; '
+        "default every head of the middle half of the layers.",
+        metavar="JSON|FILE",
+    ),
+]
+SpotLightTargetOption = Annotated[
+    float, typer.Option(help="spotlight: attention mass on the instruction that rows are lifted to.")
+]
+SpotLightBiasOption = Annotated[
+    str,
+    typer.Option(
+        help=f"spotlight: the bias added, {' or '.join(SPOTLIGHT_BIASES)}: log(c/p) as the reference code, or "
+        "the bias that reaches c exactly."
+    ),
 ]
 AlphaOption = Annotated[float, typer.Option(help="Scale of the instruction tokens' attention keys.")]
 BetaOption = Annotated[
@@ -128,7 +149,14 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _steering(options: dict[str, object]) -> SteeringConfig:
-    """The command's one :class:`SteeringConfig`, from those of its options that are config fields."""
+    """The command's one :class:`SteeringConfig`, from those of its options that are config fields
+    (``--pasta-heads`` may name a JSON file: its text is the field)."""
+    heads = str(options.get("pasta_heads") or "")
+    if heads.endswith(".json"):
+        try:
+            options = {**options, "pasta_heads": Path(heads).read_text()}
+        except OSError as error:
+            raise _fail(f"--pasta-heads: cannot read {heads}: {error.strerror}") from None
     try:
         return SteeringConfig(**{f.name: options[f.name] for f in fields(SteeringConfig) if f.name in options})
     except ValueError as error:
@@ -165,6 +193,10 @@ def run(
     max_trials: MaxTrialsOption = 10,
     ranking: RankingOption = "caused",
     static_layers: StaticLayersOption = 0,
+    pasta_coef: PastaCoefOption = 0.01,
+    pasta_heads: PastaHeadsOption = "",
+    spotlight_target: SpotLightTargetOption = 0.2,
+    spotlight_bias: SpotLightBiasOption = "reference",
     max_new_tokens: MaxNewTokensOption = 256,
     spans: SpansOption = "auto",
     compare: Annotated[
@@ -254,6 +286,10 @@ def generate(
     max_trials: MaxTrialsOption = 10,
     ranking: RankingOption = "caused",
     static_layers: StaticLayersOption = 0,
+    pasta_coef: PastaCoefOption = 0.01,
+    pasta_heads: PastaHeadsOption = "",
+    spotlight_target: SpotLightTargetOption = 0.2,
+    spotlight_bias: SpotLightBiasOption = "reference",
     ranking_cache: Annotated[
         str | None, typer.Option(help="Folder of cached layer rankings; default OUTPUT/ranking_cache.")
     ] = None,
@@ -325,6 +361,10 @@ def evaluate(
     beta: BetaOption = 0.5,
     ranking: RankingOption = "caused",
     static_layers: StaticLayersOption = 0,
+    pasta_coef: PastaCoefOption = 0.01,
+    pasta_heads: PastaHeadsOption = "",
+    spotlight_target: SpotLightTargetOption = 0.2,
+    spotlight_bias: SpotLightBiasOption = "reference",
     actors: Annotated[int | None, typer.Option(help="Model copies (Ray actors); default one per GPU, or one.")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows decoded together by one actor.")] = 16,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor.")] = None,
@@ -393,6 +433,10 @@ def bench(
     max_trials: MaxTrialsOption = 10,
     ranking: RankingOption = "caused",
     static_layers: StaticLayersOption = 0,
+    pasta_coef: PastaCoefOption = 0.01,
+    pasta_heads: PastaHeadsOption = "",
+    spotlight_target: SpotLightTargetOption = 0.2,
+    spotlight_bias: SpotLightBiasOption = "reference",
     model: ModelOption = "smollm2-135m",
     b1_prompts: Annotated[int, typer.Option(help="Prompts for the batch-size-1 runs (the reference is slow).")] = 4,
     pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="Also time the Ray pipeline.")] = True,

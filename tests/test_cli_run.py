@@ -85,3 +85,19 @@ def test_run_without_an_instruction_and_compare_without_steering():
     assert plain.returncode == 0 and "instruction detected" not in plain.stderr, plain.stderr
     refused = directer("run", "Describe Paris.", "--method", "zero-shot", "--compare")
     assert refused.returncode == 2 and "--method zero-shot does not steer" in refused.stderr
+
+
+def test_run_pasta_with_a_head_config_file(tmp_path):
+    args = ["run", "Write a haiku about the sea.", "--instruction", "Answer in all capital letters.",
+            "--max-new-tokens", "8", "--method", "pasta", "--json"]  # fmt: skip
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"10": [0, 1, 2], "12": [4]}))
+    result, default = directer(*args, "--pasta-heads", str(heads)), directer(*args)
+    assert result.returncode == 0 == default.returncode, result.stderr + default.stderr
+    steps = json.loads(result.stdout)["telemetry"]
+    assert {step["layers"] for step in steps} == {2}  # the two layers of the file, every step
+    assert {step["layers"] for step in json.loads(default.stdout)["telemetry"]} == {15}  # the middle half of 30
+    bad = directer(*args, "--pasta-heads", '{"10": "all"}')
+    assert bad.returncode == 2 and "pasta_heads: layer 10 needs a non-empty list" in bad.stderr
+    missing = directer(*args, "--pasta-heads", str(tmp_path / "none.json"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr

@@ -19,6 +19,7 @@ from directer.config import SteeringConfig
 from directer.engine import Engine, Generation, KernelChoice, Request
 from directer.models import DEFAULT_MODEL, LoadedModel, load_model
 from directer.prompts import Prompt, SpanMode, check_fits, prompt_from_row
+from directer.sampling import row_key
 from directer.telemetry import SteeringSummary, StepTelemetry
 
 PromptInput = str | tuple[str, str | None]
@@ -121,8 +122,12 @@ class Directer:
         config: SteeringConfig,
         batch_size: int = 16,
         rankings: Sequence[list[int] | None] | None = None,
+        row_ids: Sequence[str] | None = None,
     ) -> list[Completion]:
         """Decode built prompts in length-sorted batches; results come back in input order.
+
+        ``row_ids`` key the rows' draws when ``config`` samples (default: each prompt's index here), so a
+        row's tokens do not depend on the batch it is decoded in.
 
         Raises :class:`PromptError` before decoding anything when a prompt would not fit the model's context."""
         for prompt in prompts:
@@ -132,7 +137,13 @@ class Directer:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             requests = [
-                Request(prompts[i].token_ids, prompts[i].span, rankings[i] if rankings else None) for i in chunk
+                Request(
+                    prompts[i].token_ids,
+                    prompts[i].span,
+                    rankings[i] if rankings else None,
+                    row_key(config.seed, row_ids[i] if row_ids else str(i)),
+                )  # fmt: skip
+                for i in chunk
             ]
             for index, generation in zip(chunk, self.engine.generate(requests, config)):
                 results[index] = self._completion(prompts[index], generation, config)

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, get_args
 
+from directer.sampling import Sampler
 from directer.steering import STEERERS, Steerer, steerer_for
 
 TrialSchedule = Literal["auto", "lazy", "batched"]
@@ -41,6 +42,12 @@ class SteeringConfig:
         reference's default, 0.2.
     spotlight_bias: ``spotlight``: ``reference`` (``log(c / p)``, as the reference code) or ``exact``
         (the bias that reaches the target exactly); see :class:`~directer.steering.SpotLightSteerer`.
+    temperature: 0 decodes greedily (the default, token-exact with the plain references); above 0
+        every method samples (:mod:`directer.sampling`): the raw token and each steered variant are drawn
+        with the row's number for the step, and the plausibility test still judges the drawn steered
+        token by the unsteered distribution before temperature and truncation.
+    top_p, top_k: truncation when sampling (1.0 and 0: none).
+    seed: with the row's id, the key of a sampled row's draws.
     trial_schedule: ``batched`` runs all remaining trials of a step as variants of one pass; ``lazy``
         one trial per pass; ``auto`` is the engine's choice, ``batched`` (measured faster on a CPU in
         BENCHMARKS.md; memory-bound GPU decoding favours it further). All give the same tokens.
@@ -57,6 +64,10 @@ class SteeringConfig:
     pasta_heads: str = ""
     spotlight_target: float = 0.2
     spotlight_bias: SpotLightBias = "reference"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
     trial_schedule: TrialSchedule = "auto"
 
     def __post_init__(self) -> None:
@@ -83,6 +94,12 @@ class SteeringConfig:
         if self.spotlight_bias not in SPOTLIGHT_BIASES:
             choices = ", ".join(SPOTLIGHT_BIASES)
             raise ValueError(f"spotlight_bias must be one of {choices}, got {self.spotlight_bias!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (no limit) or positive, got {self.top_k}")
         if self.trial_schedule not in get_args(TrialSchedule):
             raise ValueError(f"trial_schedule must be auto, lazy or batched, got {self.trial_schedule!r}")
 
@@ -90,6 +107,10 @@ class SteeringConfig:
     def steerer(self) -> Steerer:
         """The method's :class:`~directer.steering.Steerer`, configured by this object."""
         return steerer_for(self)
+
+    @property
+    def sampler(self) -> Sampler:
+        return Sampler(self.temperature, self.top_p, self.top_k)
 
     @property
     def steers(self) -> bool:
@@ -103,9 +124,11 @@ class SteeringConfig:
         return asdict(self)
 
     def token_fields(self) -> dict[str, object]:
-        """The fields that change this method's tokens: the method, the token budget and the fields its
-        steerer names (zero-shot: none; the trial schedule never does)."""
-        names = ("method", "max_new_tokens", *STEERERS[self.method].fields)
+        """The fields that change this method's tokens: the method, the token budget, the fields its
+        steerer names (zero-shot: none; the trial schedule never does) and, when sampling, the sampling
+        fields (so greedy fingerprints stay those of configs written before sampling existed)."""
+        sampling = ("temperature", "top_p", "top_k", "seed") if self.temperature else ()
+        names = ("method", "max_new_tokens", *STEERERS[self.method].fields, *sampling)
         return {name: getattr(self, name) for name in names}
 
     def fingerprint(self) -> str:

@@ -36,6 +36,7 @@ from directer.linears import column_linears
 from directer.passes import ForwardPass, Kernel
 from directer.ranking import AttentionCapture, probe_rankings
 from directer.row_state import RowState
+from directer.sampling import uniforms
 from directer.telemetry import FinishReason, SteeringSummary, StepTelemetry
 
 KernelChoice = Literal["auto", "sdpa", "matmul"]
@@ -51,12 +52,14 @@ class Request:
     """One row to decode: prompt token ids and the token positions of the instruction.
 
     ``ranking``: a layer order from an earlier run of the same prompt, span, alpha and ranking rule
-    (skips the probes).
+    (skips the probes). ``sample_key``: the key of the row's draws when sampling
+    (:func:`directer.sampling.row_key`).
     """
 
     prompt_ids: Sequence[int]
     span: Sequence[int] = ()
     ranking: Sequence[int] | None = None
+    sample_key: int = 0
 
 
 @dataclass
@@ -155,7 +158,9 @@ class _Decoding:
         self.prompt = ids.repeat(streams, 1)
         # a row without an instruction span has nothing to steer: it decodes as zero-shot
         steerable = torch.tensor([bool(r.span) and bool(self.layer_sets) for r in requests], device=device)
-        self.rows = RowState.start(ids[:, -1], steerable, engine.num_layers, engine.max_guesses)
+        keys = torch.tensor([r.sample_key for r in requests], dtype=torch.long, device=device)
+        self.rows = RowState.start(ids[:, -1], steerable, keys, engine.num_layers, engine.max_guesses)
+        self.sampler = config.sampler
         self.rankings: list[list[int] | None] = [None] * count
         if self.steerer.ranking is not None:
             for row, request in enumerate(requests):
@@ -220,6 +225,10 @@ class _Decoding:
             self.cache.keep_rows(keep)
             self.rows.keep(keep)
 
+    def _draws(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The uniform number of each row's current step when sampling (:mod:`directer.sampling`)."""
+        return None if self.sampler.greedy else uniforms(self.rows.key[rows], self.rows.emitted[rows])
+
     def _stream(self):
         return self.steerer if self.steerer.stream else None
 
@@ -237,15 +246,17 @@ class _Decoding:
         cache.lengths += 1
         probs = torch.softmax(logits[:count], dim=-1)
         top = probs.topk(2, dim=-1)
-        steered = logits[count:].argmax(-1)
+        draws = self._draws(torch.arange(count, device=tokens.device))
+        raw_token = self.sampler.choose(logits[:count], draws)
+        steered = self.sampler.choose(logits[count:], draws)
         steered_prob = probs.gather(1, steered[:, None])[:, 0]
         accepted = state.steerable & self.steerer.plausible(steered_prob, top.values[:, 0])
-        state.raw_token, state.top1, state.top2 = top.indices[:, 0], top.values[:, 0], top.values[:, 1]
+        state.raw_token, state.top1, state.top2 = raw_token, top.values[:, 0], top.values[:, 1]
         state.gate_skipped[:] = False
         state.trials = state.steerable.long()
         state.layers = torch.where(accepted, self.layer_sets[0] if self.layer_sets else 0, 0)
         state.out_token = torch.where(accepted, steered, state.raw_token)
-        state.out_prob = torch.where(accepted, steered_prob, state.top1)
+        state.out_prob = torch.where(accepted, steered_prob, probs.gather(1, raw_token[:, None])[:, 0])
         done = self._emit(torch.arange(count, device=tokens.device))
         if bool(done.any()):
             keep = (~done).nonzero().squeeze(1)
@@ -262,7 +273,7 @@ class _Decoding:
         rows, chunk, sizes = plan.trial_rows, plan.chunk, plan.sizes
         cells = torch.arange(sizes.shape[1], device=rows.device)[None, :]
         variant_cells = torch.minimum(cells, chunk[:, None] - 1)
-        steered = logits[plan.starts[rows, None] + variant_cells].argmax(-1)  # [R, W]
+        steered = self.sampler.choose(logits[plan.starts[rows, None] + variant_cells], self._draws(rows))
         steered_probs = state.raw_probs[rows].gather(1, steered)
         accepted = self.steerer.plausible(steered_probs, state.top1[rows, None])
         accepted &= cells < chunk[:, None]
@@ -297,9 +308,10 @@ class _Decoding:
         probs = torch.softmax(logits, dim=-1)
         guesses = state.candidates.shape[1]
         top = probs.topk(max(2, guesses), dim=-1)
-        state.raw_token[rows], state.out_token[rows] = top.indices[:, 0], top.indices[:, 0]
+        raw_token = top.indices[:, 0] if self.sampler.greedy else self.sampler.choose(logits, self._draws(rows))
+        state.raw_token[rows], state.out_token[rows] = raw_token, raw_token
         state.top1[rows], state.top2[rows] = top.values[:, 0], top.values[:, 1]
-        state.out_prob[rows] = top.values[:, 0]
+        state.out_prob[rows] = probs.gather(1, raw_token[:, None])[:, 0]
         state.trials[rows], state.layers[rows] = 0, 0
         steerable = state.steerable[rows]
         # no steered token can be emitted when even the second-best raw token is not plausible

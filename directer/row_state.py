@@ -13,6 +13,7 @@ class RowState:
     all when rows finish (the cache is compacted alongside)."""
 
     order: torch.Tensor  # original row of each active row
+    key: torch.Tensor  # the key of the row's draws when sampling (:mod:`directer.sampling`)
     token: torch.Tensor  # input of the row's next pass
     emitted: torch.Tensor  # tokens emitted so far
     steerable: torch.Tensor  # bool: has a span and a method that steers
@@ -32,7 +33,9 @@ class RowState:
     out_prob: torch.Tensor  # raw probability of ``out_token``
 
     @classmethod
-    def start(cls, last_tokens: torch.Tensor, steerable: torch.Tensor, num_layers: int, guesses: int) -> RowState:
+    def start(
+        cls, last_tokens: torch.Tensor, steerable: torch.Tensor, keys: torch.Tensor, num_layers: int, guesses: int
+    ) -> RowState:
         """Rows about to run their first step on ``last_tokens`` (each prompt's last token)."""
         count, device = len(last_tokens), last_tokens.device
 
@@ -41,6 +44,7 @@ class RowState:
 
         return cls(
             order=torch.arange(count, device=device),
+            key=keys,
             token=last_tokens.clone(),
             emitted=zeros(),
             steerable=steerable,

@@ -78,6 +78,12 @@ SpotLightBiasOption = Annotated[
         "the bias that reaches c exactly."
     ),
 ]
+TemperatureOption = Annotated[
+    float, typer.Option(help="0 decodes greedily; above 0 every method samples (the gate judges the raw distribution).")
+]
+TopPOption = Annotated[float, typer.Option(help="Sampling: keep the most probable tokens up to this mass.")]
+TopKOption = Annotated[int, typer.Option(help="Sampling: keep the k most probable tokens (0: all).", min=0)]
+SeedOption = Annotated[int, typer.Option(help="Sampling: with each row's id, the key of the row's draws.")]
 AlphaOption = Annotated[float, typer.Option(help="Scale of the instruction tokens' attention keys.")]
 BetaOption = Annotated[
     float, typer.Option(help="Plausibility threshold: keep a steered token only above beta x raw top-1.")
@@ -197,6 +203,10 @@ def run(
     pasta_heads: PastaHeadsOption = "",
     spotlight_target: SpotLightTargetOption = 0.2,
     spotlight_bias: SpotLightBiasOption = "reference",
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    seed: SeedOption = 0,
     max_new_tokens: MaxNewTokensOption = 256,
     spans: SpansOption = "auto",
     compare: Annotated[
@@ -290,6 +300,10 @@ def generate(
     pasta_heads: PastaHeadsOption = "",
     spotlight_target: SpotLightTargetOption = 0.2,
     spotlight_bias: SpotLightBiasOption = "reference",
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    seed: SeedOption = 0,
     ranking_cache: Annotated[
         str | None, typer.Option(help="Folder of cached layer rankings; default OUTPUT/ranking_cache.")
     ] = None,
@@ -365,6 +379,10 @@ def evaluate(
     pasta_heads: PastaHeadsOption = "",
     spotlight_target: SpotLightTargetOption = 0.2,
     spotlight_bias: SpotLightBiasOption = "reference",
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    seed: SeedOption = 0,
     actors: Annotated[int | None, typer.Option(help="Model copies (Ray actors); default one per GPU, or one.")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows decoded together by one actor.")] = 16,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor.")] = None,
@@ -437,6 +455,10 @@ def bench(
     pasta_heads: PastaHeadsOption = "",
     spotlight_target: SpotLightTargetOption = 0.2,
     spotlight_bias: SpotLightBiasOption = "reference",
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    seed: SeedOption = 0,
     model: ModelOption = "smollm2-135m",
     b1_prompts: Annotated[int, typer.Option(help="Prompts for the batch-size-1 runs (the reference is slow).")] = 4,
     pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="Also time the Ray pipeline.")] = True,

@@ -110,7 +110,7 @@ class GenerateStage:
             except RowError as error:
                 errors[index] = str(error)
         started = time.perf_counter()
-        completions, cache_hits = self._generate(prompts, errors)
+        completions, cache_hits = self._generate(rows, prompts, errors)
         seconds = time.perf_counter() - started
         records = [
             self._record(i, completions.get(i), errors.get(i), cache_hits.get(i), seconds) for i in range(len(rows))
@@ -123,20 +123,23 @@ class GenerateStage:
         columns.update({c: generated.column(c) for c in generated.column_names})
         return pa.table(columns)
 
-    def _generate(self, prompts: dict, errors: dict) -> tuple[dict, dict]:
+    def _generate(self, rows: list[dict], prompts: dict, errors: dict) -> tuple[dict, dict]:
         """Completions of the well-formed rows; a failing batch is retried row by row."""
         indices = list(prompts)
         rankings = [self.cache.get(prompts[i]) if self.cache else None for i in indices]
         hits = {i: ("hit" if r is not None else "miss") for i, r in zip(indices, rankings)} if self.cache else {}
         try:
             batch = [prompts[i] for i in indices]
-            results = self.directer.complete(batch, self.steering, self.config.batch_size, rankings)
+            ids = [row_id(rows[i]) for i in indices]
+            results = self.directer.complete(batch, self.steering, self.config.batch_size, rankings, ids)
             completions = dict(zip(indices, results))
         except Exception:  # noqa: BLE001 - isolate the failing rows; their errors are kept
             completions = {}
             for index, ranking in zip(indices, rankings):
                 try:
-                    (completions[index],) = self.directer.complete([prompts[index]], self.steering, 1, [ranking])
+                    (completions[index],) = self.directer.complete(
+                        [prompts[index]], self.steering, 1, [ranking], [row_id(rows[index])]
+                    )
                 except Exception as error:  # noqa: BLE001
                     errors[index] = f"engine: {type(error).__name__}: {error}"
         if self.cache:

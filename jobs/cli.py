@@ -169,6 +169,17 @@ def _steering(options: dict[str, object]) -> SteeringConfig:
         raise _fail(str(error)) from None
 
 
+def _numbers(text: str, option: str) -> tuple[float, ...]:
+    """``10,30,100`` -> ``(10.0, 30.0, 100.0)``: the values of a swept option."""
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise _fail(f"{option} takes a number or a comma-separated list of numbers, got {text!r}") from None
+    if not values:
+        raise _fail(f"{option} takes a number or a comma-separated list of numbers, got {text!r}")
+    return values
+
+
 @contextlib.contextmanager
 def _interruptible(message: str) -> Iterator[None]:
     """SIGINT/SIGTERM stop the block within seconds, print ``message`` and exit 128 + the signal."""
@@ -371,8 +382,12 @@ def evaluate(
     limit: LimitOption = None,
     model: ModelOption = "smollm2-135m",
     max_new_tokens: MaxNewTokensOption = 256,
-    alpha: AlphaOption = 100.0,
-    beta: BetaOption = 0.5,
+    alpha: Annotated[
+        str, typer.Option(help="Scale of the instruction tokens' attention keys; a comma-separated list sweeps it.")
+    ] = "100",
+    beta: Annotated[
+        str, typer.Option(help="Plausibility threshold; a comma-separated list sweeps it (with --alpha: the grid).")
+    ] = "0.5",
     ranking: RankingOption = "caused",
     static_layers: StaticLayersOption = 0,
     pasta_coef: PastaCoefOption = 0.01,
@@ -397,8 +412,9 @@ def evaluate(
     """Generate with each method, score with IFEval's checkers, write scores, summary and reports.
 
     \b
-    Example:
+    Examples:
       directer eval ifeval --methods zero-shot,directer --limit 50 --output runs/eval
+      directer eval ifeval --methods zero-shot,directer --alpha 10,30,100 --beta 0.3,0.5,0.7 --limit 100
     """
     from directer.models import ModelNotFoundError
     from pipeline.cluster import ClusterError
@@ -406,14 +422,15 @@ def evaluate(
     from pipeline.evaluate import evaluate as run_evaluation
     from pipeline.inputs import InputError
 
-    steering = _steering(locals())
+    alphas, betas = _numbers(alpha, "--alpha"), _numbers(beta, "--beta")
+    steering = _steering({**locals(), "alpha": alphas[0], "beta": betas[0]})
     try:
         config = EvalConfig(
             benchmark=benchmark, output=output, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
             data=data, spans=spans, limit=limit, model=model, actors=actors, batch_size=batch_size, address=address,
             gpus_per_actor=gpus_per_actor, connect_timeout=connect_timeout, actor_start_timeout=actor_start_timeout,
             device=device, dtype=dtype, ray_logs=ray_logs,
-            steering=steering,
+            steering=steering, alphas=alphas if len(alphas) > 1 else (), betas=betas if len(betas) > 1 else (),
         )  # fmt: skip
         _quiet_transformers()
         with _interruptible(RESUME):

@@ -30,7 +30,11 @@ from pipeline.run import generate
 @dataclass(frozen=True)
 class EvalConfig:
     """An evaluation: ``benchmark`` is ``ifeval`` or a Parquet/JSONL file of IFEval-style rows
-    (``id``, ``prompt``, spans, ``instruction_id_list``, ``kwargs``)."""
+    (``id``, ``prompt``, spans, ``instruction_id_list``, ``kwargs``).
+
+    ``alphas``/``betas``: a sweep (the paper's sensitivity analysis): every method that has the field
+    runs at each value (a grid when both are given); empty, the steering config's own value.
+    """
 
     benchmark: str = "ifeval"
     output: str = "runs/eval"
@@ -49,6 +53,8 @@ class EvalConfig:
     device: str | None = None
     dtype: str | None = None
     ray_logs: bool = False
+    alphas: tuple[float, ...] = ()
+    betas: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(STEERERS)
@@ -56,6 +62,25 @@ class EvalConfig:
             raise ValueError(f"--methods takes methods from {', '.join(STEERERS)}, got {', '.join(self.methods)}")
         if self.spans not in ("gold", "auto", "none"):
             raise ValueError(f"--spans must be gold, auto or none, got {self.spans!r}")
+        self.variants()  # every point of a sweep is a valid config
+
+    def variants(self) -> dict[str, SteeringConfig]:
+        """Label -> config of every run: one per method, or, in a sweep, one per point of the grid of the
+        swept fields the method has (``directer_alpha10_beta0.3``; zero-shot stays one run). The alphas
+        are the outer loop, so each alpha's rankings are computed once and reused for every beta."""
+        grid = {"alpha": self.alphas, "beta": self.betas}
+        runs: dict[str, SteeringConfig] = {}
+        for method in self.methods:
+            swept = [name for name, values in grid.items() if len(values) > 1 and name in STEERERS[method].fields]
+            base = replace(self.steering, method=method)
+            base = base.with_(**{n: v[0] for n, v in grid.items() if len(v) == 1 and n in STEERERS[method].fields})
+            points = [{}]
+            for name in swept:
+                points = [{**point, name: value} for point in points for value in grid[name]]
+            for point in points:
+                label = method + "".join(f"_{name}{value:g}" for name, value in point.items())
+                runs[label] = base.with_(**point)
+        return runs
 
 
 CHECKER_FIELDS = ("instruction_id_list", "kwargs")
@@ -100,14 +125,16 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     inputs = output / "inputs.parquet"
     pq.write_table(rows_to_table(rows), inputs)
-    (output / "eval.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    variants = config.variants()
+    record = {**asdict(config), "variants": {label: steering.to_dict() for label, steering in variants.items()}}
+    (output / "eval.json").write_text(json.dumps(record, indent=2, default=str))
     reports = {}
-    for method in config.methods:
+    for label, steering in variants.items():
         run = GenerateConfig(
             inputs=(str(inputs),),
-            output=str(RunOutput.of_method(output, method).folder),
+            output=str(RunOutput.of_method(output, label).folder),
             model=config.model,
-            steering=replace(config.steering, method=method),
+            steering=steering,
             actors=config.actors,
             batch_size=config.batch_size,
             ranking_cache=str(output / "ranking_cache"),
@@ -122,14 +149,14 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             spans="none" if config.benchmark == "ifeval" or config.spans == "gold" else config.spans,
             score_nll=True,
         )
-        reports[method] = generate(run, progress=progress).to_dict()
+        reports[label] = generate(run, progress=progress).to_dict()
     (output / "generation_reports.json").write_text(json.dumps(reports, indent=2, default=str))
-    score_runs(output, config.methods)
+    score_runs(output, list(variants))
     return build_report(output)
 
 
 def score_runs(output: Path, methods: tuple[str, ...] | list[str]) -> pa.Table:
-    """``scores.parquet``: one row per (method, prompt, instruction) with strict and loose verdicts."""
+    """``scores.parquet``: one row per (run label, prompt, instruction) with strict and loose verdicts."""
     inputs = {r["id"]: r for r in pq.read_table(output / "inputs.parquet").to_pylist()}
     records = []
     for method in methods:

@@ -72,15 +72,14 @@ def _accuracies(prompts: dict[str, dict[str, Any]], ids: list[str], index: np.nd
     )
 
 
-def accuracy_table(scores: list[dict], methods: list[str]) -> dict[str, dict[str, Any]]:
-    """Accuracies per method, with 95% paired-bootstrap intervals of the difference to zero-shot."""
+def accuracy_table(scores: list[dict], methods: list[str], baseline: str | None) -> dict[str, dict[str, Any]]:
+    """Accuracies per run, with 95% paired-bootstrap intervals of the difference to ``baseline`` (zero-shot)."""
     per_method = {m: _per_prompt(scores, m) for m in methods}
     ids = sorted(set.intersection(*(set(p) for p in per_method.values())))
     rng = np.random.default_rng(0)
     resamples = rng.integers(0, len(ids), size=(BOOTSTRAP_SAMPLES, len(ids)))
     everything = np.arange(len(ids))[None]
     table: dict[str, dict[str, Any]] = {}
-    baseline = next((m for m in methods if not STEERERS[m].steers), None)
     base_boot = _accuracies(per_method[baseline], ids, resamples) if baseline else None
     base_point = _accuracies(per_method[baseline], ids, everything)[0] if baseline else None
     for method in methods:
@@ -142,7 +141,11 @@ def build_report(output: Path) -> dict[str, Any]:
     """Summarise an evaluation folder and write ``summary.json``, plots, ``report.md`` and ``report.html``."""
     output = Path(output)
     config = json.loads((output / "eval.json").read_text())
-    methods = list(config["methods"])
+    # run label -> its steering config (one run per method, or per point of a sweep)
+    variants = config.get("variants") or {m: {"method": m} for m in config["methods"]}
+    methods = list(variants)
+    steers = {label: STEERERS[variant["method"]].steers for label, variant in variants.items()}
+    baseline = next((m for m in methods if not steers[m]), None)
     scores = pq.read_table(output / "scores.parquet").to_pylist()
     runs = {m: RunOutput.of_method(output, m).rows() for m in methods}
     generation = json.loads((output / "generation_reports.json").read_text())
@@ -150,9 +153,9 @@ def build_report(output: Path) -> dict[str, Any]:
         "config": config,
         # how each row's instruction was given or found (the same for every method)
         "span_sources": dict(Counter(r["span_source"] for r in runs[methods[-1]] if r["status"] == "ok")),
-        "accuracy": accuracy_table(scores, methods),
+        "accuracy": accuracy_table(scores, methods, baseline),
         "per_instruction": per_instruction(scores, methods),
-        "steering": {m: steering_stats(runs[m]) for m in methods if STEERERS[m].steers},
+        "steering": {m: steering_stats(runs[m]) for m in methods if steers[m]},
         "quality": {m: quality_stats(runs[m]) for m in methods},
         "throughput": {
             m: {
@@ -164,11 +167,58 @@ def build_report(output: Path) -> dict[str, Any]:
             if m in generation
         },
     }
+    if config.get("alphas") or config.get("betas"):
+        summary["sweep"] = sweep_points(summary, variants)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     plots = _plots(output, summary, runs, methods)
     (output / "report.md").write_text(_markdown(summary, plots, methods))
     (output / "report.html").write_text(_html(output, summary, plots, runs, scores, methods))
     return summary
+
+
+def sweep_points(summary: dict, variants: dict[str, dict]) -> list[dict[str, Any]]:
+    """One entry per run of a sweep: its method, alpha, beta, accuracies and quality guards."""
+    return [
+        {
+            "label": label,
+            "method": variant["method"],
+            "alpha": variant.get("alpha") if "alpha" in STEERERS[variant["method"]].fields else None,
+            "beta": variant.get("beta") if "beta" in STEERERS[variant["method"]].fields else None,
+            **{m: summary["accuracy"][label][m] for m in METRICS},
+            "nll": summary["quality"][label].get("nll"),
+            "distinct_2": summary["quality"][label].get("distinct_2"),
+        }
+        for label, variant in variants.items()
+    ]
+
+
+def _sweep_plots(output: Path, points: list[dict], plt) -> dict[str, Path]:
+    """Per swept method, heatmaps over alpha x beta: prompt-level strict accuracy and the quality guards."""
+    plots = {}
+    for method in dict.fromkeys(p["method"] for p in points):
+        mine = [p for p in points if p["method"] == method]
+        alphas, betas = [sorted({p[f] for p in mine}, key=lambda v: v or 0) for f in ("alpha", "beta")]
+        if len(mine) < 2:
+            continue
+        figure, axes = plt.subplots(1, 3, figsize=(10, 3.2))
+        for axis, (field, title) in zip(
+            axes, (("prompt_strict", "prompt-level strict"), ("nll", "mean NLL"), ("distinct_2", "distinct-2"))
+        ):
+            grid = np.full((len(alphas), len(betas)), np.nan)
+            for p in mine:
+                grid[alphas.index(p["alpha"]), betas.index(p["beta"])] = np.nan if p[field] is None else p[field]
+            image = axis.imshow(grid, cmap="viridis", aspect="auto")
+            for (i, j), value in np.ndenumerate(grid):
+                axis.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=7, color="white")
+            axis.set_xticks(range(len(betas)), ["-" if b is None else f"{b:g}" for b in betas])
+            axis.set_yticks(range(len(alphas)), ["-" if a is None else f"{a:g}" for a in alphas])
+            axis.set_xlabel("beta")
+            axis.set_ylabel("alpha")
+            axis.set_title(title, fontsize=9)
+            figure.colorbar(image, ax=axis, fraction=0.046)
+        figure.suptitle(f"{method}: sweep")
+        plots[f"sweep_{method}"] = _save(figure, output / f"sweep_{method.replace('+', '_')}.png")
+    return plots
 
 
 def _plots(output: Path, summary: dict, runs: dict[str, list[dict]], methods: list[str]) -> dict[str, Path]:
@@ -225,6 +275,8 @@ def _plots(output: Path, summary: dict, runs: dict[str, list[dict]], methods: li
         axis.set_title(label, fontsize=9)
     figure.suptitle("quality guards")
     plots["quality"] = _save(figure, output / "quality.png")
+    if "sweep" in summary:
+        plots.update(_sweep_plots(output, summary["sweep"], plt))
     return plots
 
 
@@ -293,6 +345,15 @@ def _markdown(summary: dict, plots: dict[str, Path], methods: list[str]) -> str:
             f"{_fmt(t.get('tokens_per_second'), 1)} |"
         )
     lines += ["", f"![quality]({plots['quality'].name})", ""]
+    if "sweep" in summary:
+        header = "| run | alpha | beta | prompt-level strict | prompt-level loose | mean NLL | distinct-2 |"
+        lines += ["## Sweep", "", header, "| --- |" + " --- |" * 6]
+        for p in summary["sweep"]:
+            lines.append(
+                f"| {p['label']} | {_fmt(p['alpha'], 0)} | {_fmt(p['beta'], 2)} | {p['prompt_strict']:.3f} | "
+                f"{p['prompt_loose']:.3f} | {_fmt(p['nll'])} | {_fmt(p['distinct_2'])} |"
+            )
+        lines += ["", *[f"![{name}]({path.name})" for name, path in plots.items() if name.startswith("sweep_")], ""]
     return "\n".join(lines)
 
 
@@ -343,6 +404,7 @@ def _html(
     from directer.models import load_tokenizer
 
     tokenizer = load_tokenizer(summary["config"]["model"])
+    sweeps = "sweep" in summary
     inputs = {r["id"]: r for r in pq.read_table(output / "inputs.parquet").to_pylist()}
     by_method = {m: {r["id"]: r for r in runs[m]} for m in methods}
     verdicts: dict[tuple[str, str], list[tuple[str, bool]]] = defaultdict(list)
@@ -399,6 +461,7 @@ mark{{background:#ffd54f}} .span{{background:#cfe8ff;border-bottom:2px solid #3b
 <h2>Per instruction type</h2>{_image(plots["per_instruction"])}
 <h2>Steering</h2><ul>{steering}</ul>
 <h2>Quality guards</h2>{_image(plots["quality"])}
+{"<h2>Sweep</h2>" + "".join(_image(p) for n, p in plots.items() if n.startswith("sweep_")) if sweeps else ""}
 <h2>Examples</h2><p>Instruction spans are <span class="span">marked</span> in the prompt; tokens that
 steering changed are <mark>highlighted</mark>; verdicts are IFEval's strict checks.</p>
 {"".join(examples)}

@@ -98,3 +98,33 @@ def test_users_own_rows_in_every_form_are_steered(tmp_path):
     )  # fmt: skip
     assert refused.returncode == 2 and "row 0 (id '7'): field 'kwargs' is missing" in refused.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_sweep_runs_the_grid_in_one_command_and_plots_it(tmp_path):
+    output = tmp_path / "sweep"
+    command = [sys.executable, "-m", "jobs.cli", "eval", "ifeval", "--methods", "zero-shot,static,directer",
+               "--alpha", "10,100", "--beta", "0.3,0.7", "--limit", "3", "--max-new-tokens", "6",
+               "--output", str(output)]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output / "summary.json").read_text())
+    labels = [p["label"] for p in summary["sweep"]]
+    assert labels == ["zero-shot", "static_alpha10", "static_alpha100", "directer_alpha10_beta0.3",
+                      "directer_alpha10_beta0.7", "directer_alpha100_beta0.3", "directer_alpha100_beta0.7"]  # fmt: skip
+    for point in summary["sweep"]:
+        rows = pads.dataset(str(output / "runs" / point["label"] / "data")).to_table().to_pylist()
+        config = json.loads(rows[0]["config"])
+        assert (point["alpha"], point["beta"]) == (
+            config["alpha"] if point["method"] != "zero-shot" else None,
+            config["beta"] if point["method"] == "directer" else None,
+        )
+        assert set(summary["accuracy"][point["label"]]) >= set(METRICS)
+        if point["method"] == "directer":  # each alpha's rankings come from its first beta's run
+            expected = "miss" if point["beta"] == 0.3 else "hit"
+            assert {r["ranking_cache"] for r in rows} == {expected}
+    assert "diff_vs_zero_shot" in summary["accuracy"]["directer_alpha100_beta0.7"]
+    assert (output / "sweep_directer.png").is_file() and (output / "sweep_static.png").is_file()
+    assert "## Sweep" in (output / "report.md").read_text()
+    bad = subprocess.run([*command[:-2], "--output", str(tmp_path / "bad"), "--beta", "0.3,x"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert bad.returncode == 2 and "--beta takes a number or a comma-separated list" in bad.stderr

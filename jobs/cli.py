@@ -463,6 +463,7 @@ def bench(
     prompts: Annotated[int, typer.Option(help="IFEval prompts to decode (gold spans).")] = 16,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated; 1 and one larger size.")] = "1,16",
     max_new_tokens: MaxNewTokensOption = 64,
+    method: MethodOption = "directer",
     alpha: AlphaOption = 100.0,
     beta: BetaOption = 0.5,
     max_trials: MaxTrialsOption = 10,
@@ -472,10 +473,6 @@ def bench(
     pasta_heads: PastaHeadsOption = "",
     spotlight_target: SpotLightTargetOption = 0.2,
     spotlight_bias: SpotLightBiasOption = "reference",
-    temperature: TemperatureOption = 0.0,
-    top_p: TopPOption = 1.0,
-    top_k: TopKOption = 0,
-    seed: SeedOption = 0,
     model: ModelOption = "smollm2-135m",
     b1_prompts: Annotated[int, typer.Option(help="Prompts for the batch-size-1 runs (the reference is slow).")] = 4,
     pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="Also time the Ray pipeline.")] = True,
@@ -483,8 +480,8 @@ def bench(
     device: DeviceOption = None,
     dtype: DtypeOption = None,
 ) -> None:
-    """Tokens/s and peak memory of transformers' generate, the engine (zero-shot and Directer), the plain
-    reference implementation and the pipeline, side by side in one process.
+    """Tokens/s and peak memory of transformers' generate, the engine (zero-shot and --method, default
+    directer), Directer's plain reference implementation and the pipeline, side by side in one process.
 
     \b
     Example:

@@ -1,9 +1,10 @@
 """``directer bench``: tokens per second and peak memory, measured side by side in one process.
 
 On the same IFEval prompts (gold spans, chat template): ``transformers``' ``model.generate``
-(greedy, its default attention), the engine zero-shot, the engine with Directer, the plain
-per-prompt reference implementation (the tests' oracle; like the official implementation, it copies
-the whole KV cache for every steered pass), and the Ray pipeline with one actor. Batch-size-1
+(greedy, its default attention), the engine zero-shot, the engine with the steering method (Directer
+by default; measurements and ratios are named after it), for Directer the plain per-prompt reference
+implementation (the tests' oracle; like the official implementation, it copies the whole KV cache for
+every steered pass), and the Ray pipeline with one actor. Batch-size-1
 figures use the first ``b1_prompts`` prompts (the reference is slow), every method on one prompt
 after another; the others use all.
 """
@@ -135,7 +136,7 @@ def run_benchmark(
     ]
     max_new_tokens = steering.max_new_tokens
     zero_shot = steering.with_(method="zero-shot")
-    directer = steering
+    method = steering.method
     tokenizer = loaded.tokenizer
     result = BenchResult(
         config={"prompts": prompts, "b1_prompts": b1_prompts, "batch_sizes": list(batch_sizes),
@@ -171,15 +172,15 @@ def run_benchmark(
         )  # fmt: skip
 
     with torch.inference_mode():
-        engine(built[:2], 2, directer)  # warm-up
+        engine(built[:2], 2, steering)  # warm-up
         for size in batch_sizes:
             batch = built[:b1_prompts] if size == 1 else built
             methods: dict[str, Callable[[list], int]] = {
                 f"hf_b{size}": lambda chunk, s=size: hf_generate(chunk, s),
                 f"zero_shot_b{size}": lambda chunk, s=size: engine(chunk, s, zero_shot),
-                f"directer_b{size}": lambda chunk, s=size: engine(chunk, s, directer),
+                f"{method}_b{size}": lambda chunk, s=size: engine(chunk, s, steering),
             }
-            if size == 1:
+            if size == 1 and method == "directer":
                 methods["plain_b1"] = reference
             for name, m in _interleaved(loaded.device, methods, batch, size).items():
                 result.measurements[name] = {
@@ -189,11 +190,11 @@ def run_benchmark(
                 log(f"{name:>16}: {m.tokens_per_second:8.1f} tokens/s ({m.tokens} tokens in {m.seconds:.1f}s)")
     largest = max(batch_sizes)
     if pipeline:
-        result.pipeline = _pipeline(built, load_ifeval(limit=prompts), directer, model, largest, device, dtype)
+        result.pipeline = _pipeline(built, load_ifeval(limit=prompts), steering, model, largest, device, dtype)
         log(f"{'pipeline_b' + str(largest):>16}: {result.pipeline['tokens_per_second']:8.1f} tokens/s "
             f"(Ray start-up {result.pipeline['startup_seconds']:.1f}s and model load "
             f"{result.pipeline['model_load_seconds']:.1f}s excluded)")  # fmt: skip
-    result.ratios = _ratios(result, largest)
+    result.ratios = _ratios(result, method, largest)
     return result
 
 
@@ -225,20 +226,21 @@ def _pipeline(built, rows, config, model, batch_size, device, dtype) -> dict[str
     }
 
 
-def _ratios(result: BenchResult, largest: int) -> dict[str, float]:
+def _ratios(result: BenchResult, method: str, largest: int) -> dict[str, float]:
     m = {name: v["tokens_per_second"] for name, v in result.measurements.items()}
     peak = {name: v["peak_bytes"] for name, v in result.measurements.items()}
     ratios = {
         "zero_shot_vs_hf_b1": m["zero_shot_b1"] / m["hf_b1"],
         f"zero_shot_vs_hf_b{largest}": m[f"zero_shot_b{largest}"] / m[f"hf_b{largest}"],
-        "directer_vs_zero_shot_b1": m["directer_b1"] / m["zero_shot_b1"],
-        f"directer_vs_zero_shot_b{largest}": m[f"directer_b{largest}"] / m[f"zero_shot_b{largest}"],
-        "directer_b1_vs_plain_b1": m["directer_b1"] / m["plain_b1"],
-        f"directer_b{largest}_vs_plain_b1": m[f"directer_b{largest}"] / m["plain_b1"],
-        "memory_directer_vs_zero_shot": peak[f"directer_b{largest}"] / peak[f"zero_shot_b{largest}"],
+        f"{method}_vs_zero_shot_b1": m[f"{method}_b1"] / m["zero_shot_b1"],
+        f"{method}_vs_zero_shot_b{largest}": m[f"{method}_b{largest}"] / m[f"zero_shot_b{largest}"],
+        f"memory_{method}_vs_zero_shot": peak[f"{method}_b{largest}"] / peak[f"zero_shot_b{largest}"],
     }
+    if "plain_b1" in m:
+        ratios[f"{method}_b1_vs_plain_b1"] = m[f"{method}_b1"] / m["plain_b1"]
+        ratios[f"{method}_b{largest}_vs_plain_b1"] = m[f"{method}_b{largest}"] / m["plain_b1"]
     if result.pipeline:
-        ratios[f"pipeline_vs_engine_b{largest}"] = result.pipeline["tokens_per_second"] / m[f"directer_b{largest}"]
+        ratios[f"pipeline_vs_engine_b{largest}"] = result.pipeline["tokens_per_second"] / m[f"{method}_b{largest}"]
     return ratios
 
 

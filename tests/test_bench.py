@@ -33,3 +33,16 @@ def test_bench_json_has_every_ratio_and_the_same_tokens_per_method():
     assert measured["directer_b1"]["tokens"] == measured["plain_b1"]["tokens"]
     assert payload["pipeline"]["tokens"] == measured["directer_b16"]["tokens"]
     assert payload["pipeline"]["startup_seconds"] > 0 and payload["pipeline"]["model_load_seconds"] > 0
+
+
+def test_bench_names_its_figures_after_the_method():
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "bench", "--method", "pasta+gate", "--prompts", "2", "--b1-prompts", "1",
+         "--batch-sizes", "1,2", "--max-new-tokens", "4", "--no-pipeline", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert set(payload["measurements"]) == {f"{m}_b{s}" for m in ("hf", "zero_shot", "pasta+gate") for s in (1, 2)}
+    assert set(payload["ratios"]) == {"zero_shot_vs_hf_b1", "zero_shot_vs_hf_b2", "pasta+gate_vs_zero_shot_b1",
+                                      "pasta+gate_vs_zero_shot_b2", "memory_pasta+gate_vs_zero_shot"}  # fmt: skip

@@ -121,9 +121,9 @@ REQUESTS = [
 ]
 
 
-def check_against_reference(model, config: SteeringConfig, edit_for, gate_beta=None):
+def check_against_reference(model, config: SteeringConfig, edit_for, gate_beta=None, kernel="auto"):
     num_layers = model.config.num_hidden_layers
-    generations = Engine(model, [1], 0).generate(REQUESTS, config)
+    generations = Engine(model, [1], 0, kernel=kernel).generate(REQUESTS, config)
     changed = 0
     for request, generation in zip(REQUESTS, generations):
         prompt, span = list(request.prompt_ids), list(request.span)
@@ -139,13 +139,14 @@ def check_against_reference(model, config: SteeringConfig, edit_for, gate_beta=N
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_pasta_matches_reference(architecture):
+@pytest.mark.parametrize("kernel", ["matmul", "sdpa"])  # sdpa: the bias joins the fused call's mask, as on a GPU
+def test_pasta_matches_reference(architecture, kernel):
     model = tiny_model(architecture, seed=4)
     heads = {2: [1, 3], 5: None}
     config = SteeringConfig(method="pasta", pasta_heads=json.dumps({"2": [3, 1], "5": [0, 1, 2, 3]}),
                             max_new_tokens=MAX_NEW)  # fmt: skip
     heads[5] = [0, 1, 2, 3]
-    changed = check_against_reference(model, config, lambda n, span: pasta_edit(heads, n, span, 0.01))
+    changed = check_against_reference(model, config, lambda n, span: pasta_edit(heads, n, span, 0.01), kernel=kernel)
     assert changed > 0  # steering changed some token
 
 

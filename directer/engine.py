@@ -1,4 +1,5 @@
-"""The decoding loop: batched greedy decoding with a steering method (:mod:`directer.steering`).
+"""The decoding loop: batched decoding, greedy or sampled (:mod:`directer.sampling`), with a steering
+method (:mod:`directer.steering`).
 
 Every row runs the algorithm of the README's "How the engine works" independently:
 
@@ -16,6 +17,9 @@ what its step needs next (its raw token, or its trials plus speculative next raw
 waits for another row's trials. A step can only emit a plausible token, so the pass that settles a
 step also runs the next step's raw token for each such candidate and keeps the one emitted.
 Zero-shot is the same loop with a method that never steers.
+
+A stream method (PASTA, SpotLight) runs a simpler loop, :meth:`_Decoding._stream_pass`: every row
+has a steered copy in the second half of the cache rows, and one pass per step runs both copies.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +198,12 @@ def model_source(name: str) -> tuple[str | Path, dict[str, str]]:
     return name, {}
 
 
+TRUST_WARNING = (
+    "trust_remote_code is on: Python code from the repository of model {name!r} runs with your permissions; "
+    "use it only for repositories you trust"
+)
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
@@ -204,7 +211,10 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, ready for the engine."""
+    """Load a causal LM and its tokenizer, ready for the engine. ``trust_remote_code`` (off by default)
+    runs Python code from the model's repository in this process: a warning says so."""
+    if trust_remote_code:
+        warnings.warn(TRUST_WARNING.format(name=name), UserWarning, stacklevel=2)
     source, extra = model_source(name)
     resolved_device, resolved_dtype = default_device_dtype(device, dtype)
     if name in RANDOM:

@@ -94,7 +94,10 @@ DeviceOption = Annotated[str | None, typer.Option(help="torch device; default cu
 DtypeOption = Annotated[
     str | None, typer.Option(help="float32, bfloat16 or float16; default bf16 on GPU, fp32 on CPU.")
 ]
-TrustOption = Annotated[bool, typer.Option(help="Allow the model's own code from the hub.")]
+TrustOption = Annotated[
+    bool,
+    typer.Option(help="Run the model repository's own Python code (off: a model that needs it is refused)."),
+]
 SpansOption = Annotated[str, typer.Option(help="When no instruction is given: auto detects one, none steers nothing.")]
 AddressOption = Annotated[
     str | None,
@@ -155,6 +158,14 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _steering(options: dict[str, object]) -> SteeringConfig:
+    if options.get("trust_remote_code"):
+        from directer.models import TRUST_WARNING
+
+        console.print(Text.assemble(("warning: ", "bold yellow"), TRUST_WARNING.format(name=options.get("model"))))
+    return _steering_config(options)
+
+
+def _steering_config(options: dict[str, object]) -> SteeringConfig:
     """The command's one :class:`SteeringConfig`, from those of its options that are config fields
     (``--pasta-heads`` may name a JSON file: its text is the field)."""
     heads = str(options.get("pasta_heads") or "")
@@ -404,6 +415,7 @@ def evaluate(
     max_trials: MaxTrialsOption = 10,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    trust_remote_code: TrustOption = False,
     address: AddressOption = None,
     connect_timeout: ConnectTimeoutOption = 60.0,
     actor_start_timeout: ActorStartTimeoutOption = 1800.0,
@@ -429,7 +441,7 @@ def evaluate(
             benchmark=benchmark, output=output, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
             data=data, spans=spans, limit=limit, model=model, actors=actors, batch_size=batch_size, address=address,
             gpus_per_actor=gpus_per_actor, connect_timeout=connect_timeout, actor_start_timeout=actor_start_timeout,
-            device=device, dtype=dtype, ray_logs=ray_logs,
+            device=device, dtype=dtype, ray_logs=ray_logs, trust_remote_code=trust_remote_code,
             steering=steering, alphas=alphas if len(alphas) > 1 else (), betas=betas if len(betas) > 1 else (),
         )  # fmt: skip
         _quiet_transformers()
@@ -479,6 +491,7 @@ def bench(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    trust_remote_code: TrustOption = False,
 ) -> None:
     """Tokens/s and peak memory of transformers' generate, the engine (zero-shot and --method, default
     directer), Directer's plain reference implementation and the pipeline, side by side in one process.
@@ -497,7 +510,8 @@ def bench(
     with _interruptible("interrupted"):
         result = run_benchmark(
             prompts=prompts, batch_sizes=sizes, steering=steering, model=model, b1_prompts=b1_prompts,
-            pipeline=pipeline, device=device, dtype=dtype, log=lambda line: console.print(line),
+            pipeline=pipeline, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+            log=lambda line: console.print(line),
         )  # fmt: skip
     if json_output:
         print(to_json(result))

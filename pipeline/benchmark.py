@@ -126,9 +126,10 @@ def run_benchmark(
     pipeline: bool = True,
     device: str | None = None,
     dtype: str | None = None,
+    trust_remote_code: bool = False,
     log: Callable[[str], None] = print,
 ) -> BenchResult:
-    steerer = Directer.from_pretrained(model, device=device, dtype=dtype)
+    steerer = Directer.from_pretrained(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     loaded = steerer.loaded
     built = [
         steerer.prompt(**{"message": r["prompt"], "instruction_spans": r["instruction_spans"]})
@@ -190,7 +191,9 @@ def run_benchmark(
                 log(f"{name:>16}: {m.tokens_per_second:8.1f} tokens/s ({m.tokens} tokens in {m.seconds:.1f}s)")
     largest = max(batch_sizes)
     if pipeline:
-        result.pipeline = _pipeline(built, load_ifeval(limit=prompts), steering, model, largest, device, dtype)
+        result.pipeline = _pipeline(
+            built, load_ifeval(limit=prompts), steering, model, largest, device, dtype, trust_remote_code
+        )
         log(f"{'pipeline_b' + str(largest):>16}: {result.pipeline['tokens_per_second']:8.1f} tokens/s "
             f"(Ray start-up {result.pipeline['startup_seconds']:.1f}s and model load "
             f"{result.pipeline['model_load_seconds']:.1f}s excluded)")  # fmt: skip
@@ -198,7 +201,7 @@ def run_benchmark(
     return result
 
 
-def _pipeline(built, rows, config, model, batch_size, device, dtype) -> dict[str, float]:
+def _pipeline(built, rows, config, model, batch_size, device, dtype, trust_remote_code) -> dict[str, float]:
     """The same prompts through ``directer generate`` with one actor (start-up and model load excluded)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -213,7 +216,7 @@ def _pipeline(built, rows, config, model, batch_size, device, dtype) -> dict[str
         )
         run = GenerateConfig(
             inputs=(str(source),), output=str(Path(folder) / "out"), model=model, steering=config, actors=1,
-            batch_size=batch_size, device=device, dtype=dtype, spans="none",
+            batch_size=batch_size, device=device, dtype=dtype, spans="none", trust_remote_code=trust_remote_code,
         )  # fmt: skip
         report = generate(run, progress=False)
     net = report.seconds["pipeline"] - report.seconds["model_load"]

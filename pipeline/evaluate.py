@@ -53,6 +53,7 @@ class EvalConfig:
     device: str | None = None
     dtype: str | None = None
     ray_logs: bool = False
+    trust_remote_code: bool = False
     alphas: tuple[float, ...] = ()
     betas: tuple[float, ...] = ()
 
@@ -148,6 +149,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             # IFEval's rows carry their spans (gold or detected); a user's own rows are read as generate reads them
             spans="none" if config.benchmark == "ifeval" or config.spans == "gold" else config.spans,
             score_nll=True,
+            trust_remote_code=config.trust_remote_code,
         )
         reports[label] = generate(run, progress=progress).to_dict()
     (output / "generation_reports.json").write_text(json.dumps(reports, indent=2, default=str))

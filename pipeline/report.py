@@ -403,7 +403,8 @@ def _html(
 ) -> str:
     from directer.models import load_tokenizer
 
-    tokenizer = load_tokenizer(summary["config"]["model"])
+    config = summary["config"]
+    tokenizer = load_tokenizer(config["model"], trust_remote_code=config.get("trust_remote_code", False))
     sweeps = "sweep" in summary
     inputs = {r["id"]: r for r in pq.read_table(output / "inputs.parquet").to_pylist()}
     by_method = {m: {r["id"]: r for r in runs[m]} for m in methods}
@@ -441,7 +442,6 @@ def _html(
         for m, s in summary["steering"].items()
         if s
     )
-    config = summary["config"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>directer evaluation</title><style>
 body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}

@@ -101,3 +101,15 @@ def test_run_pasta_with_a_head_config_file(tmp_path):
     assert bad.returncode == 2 and "pasta_heads: layer 10 needs a non-empty list" in bad.stderr
     missing = directer(*args, "--pasta-heads", str(tmp_path / "none.json"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_trust_remote_code_is_off_unless_asked_and_warns_when_on():
+    args = ["run", "Name a color.", "--max-new-tokens", "2", "--spans", "none", "--json"]
+    quiet, trusting = directer(*args), directer(*args, "--trust-remote-code")
+    assert quiet.returncode == 0 == trusting.returncode, quiet.stderr + trusting.stderr
+    assert "trust_remote_code is on" not in quiet.stderr
+    assert "warning: trust_remote_code is on: Python code from the repository of model 'smollm2-135m'" in (
+        " ".join(trusting.stderr.split())
+    )
+    for command in ("generate", "eval", "bench"):
+        assert "--trust-remote-code" in directer(command, "--help").stdout

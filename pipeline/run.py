@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from directer.steering import STEERERS
 from directer.telemetry import SteeringSummary
 from pipeline.cluster import RESTART_WARNING, ClusterError, actor_start_error, hide_native_lines, init_ray
 from pipeline.config import GenerateConfig
-from pipeline.inputs import duplicate_ids, read_dataset, read_ids, resolve_inputs
+from pipeline.inputs import InputError, duplicate_ids, read_dataset, read_ids, resolve_inputs
 from pipeline.stage import GenerateStage
 
 
@@ -100,6 +101,17 @@ def drop_done(batch: pa.Table, done: pa.Array, missing_done: bool) -> pa.Table:
     return batch.filter(keep)
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a file there, before any model loads: an output that cannot be
+    written fails at once, naming the path and the reason."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise InputError(f"--output: cannot write to {folder}: {error.strerror or error}") from None
+
+
 def generate(config: GenerateConfig, progress: bool = True, command: str | None = None) -> RunReport:
     """Run the pipeline; returns this invocation's report and writes ``run.json`` (with ``command``,
     the command line that asked for it, when given)."""
@@ -111,7 +123,7 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     output = config.run_output
     if config.overwrite and output.data_dir.exists():
         shutil.rmtree(output.data_dir)
-    output.data_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(output.data_dir)
     if config.overwrite or output.manifest() is None:
         write_manifest(config, None, input_files)  # before any row: an interrupted run is still checked
     ids = read_ids(sources)

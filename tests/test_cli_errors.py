@@ -90,3 +90,13 @@ def test_every_help_has_an_example_and_nothing_cut_off(command):
     assert "…" not in text and not shortened
     assert "<bool>" not in text and "{" not in text.splitlines()[0]
     assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_an_output_that_cannot_be_written_fails_before_ray_or_the_model(tmp_path):
+    source = tmp_path / "rows.jsonl"
+    source.write_text(json.dumps({"id": "a", "prompt": "Say hi."}) + "\n")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    result = directer("generate", str(source), "--output", str(blocked / "out"), "--max-new-tokens", "2")
+    fails_with(result, f"--output: cannot write to {blocked / 'out' / 'data'}: Not a directory")
+    assert "Started a local Ray" not in result.stderr and blocked.read_text() == ""

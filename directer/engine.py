@@ -196,7 +196,9 @@ class _Decoding:
                 position_ids=positions,
                 use_cache=False,
                 logits_to_keep=1,
-                directer_pass=ForwardPass(cache, prefill=True, kernel=self.engine.kernel, stream=self._stream()),
+                directer_pass=ForwardPass(
+                    cache, prefill=True, kernel=self.engine.kernel, stream=self.steerer if self.steerer.stream else None
+                ),
             )
         cache.lengths += self.prompt.shape[1] - 1
 
@@ -233,9 +235,6 @@ class _Decoding:
         """The uniform number of each row's current step when sampling (:mod:`directer.sampling`)."""
         return None if self.sampler.greedy else uniforms(self.rows.key[rows], self.rows.emitted[rows])
 
-    def _stream(self):
-        return self.steerer if self.steerer.stream else None
-
     def _stream_pass(self) -> None:
         """One pass of both streams of every active row (a stream method): the raw half gives the
         unsteered distribution, the steered half the method's token, emitted when the steerer finds it
@@ -258,7 +257,7 @@ class _Decoding:
         state.raw_token, state.top1, state.top2 = raw_token, top.values[:, 0], top.values[:, 1]
         state.gate_skipped[:] = False
         state.trials = state.steerable.long()
-        state.layers = torch.where(accepted, self.layer_sets[0] if self.layer_sets else 0, 0)
+        state.layers = torch.where(accepted, self.layer_sets[0], 0)
         state.out_token = torch.where(accepted, steered, state.raw_token)
         state.out_prob = torch.where(accepted, steered_prob, probs.gather(1, raw_token[:, None])[:, 0])
         done = self._emit(torch.arange(count, device=tokens.device))

@@ -62,7 +62,9 @@ REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("method", ["zero-shot", "directer", "static+gate", "pasta+gate", "spotlight", "spotlight+gate"])
+@pytest.mark.parametrize(
+    "method", ["zero-shot", "directer", "static+gate", "pasta+gate", "spotlight", "spotlight+gate"]
+)
 def test_a_rows_tokens_depend_on_its_seed_and_id_only(method):
     model = tiny_model("llama", seed=7)
     engine = Engine(model, [1], 0)

@@ -426,7 +426,7 @@ def evaluate(
     \b
     Examples:
       directer eval ifeval --methods zero-shot,directer --limit 50 --output runs/eval
-      directer eval ifeval --methods zero-shot,directer --alpha 10,30,100 --beta 0.3,0.5,0.7 --limit 100
+      directer eval ifeval --alpha 10,30,100 --beta 0.3,0.5,0.7 --limit 100 --output runs/sweep
     """
     from directer.models import ModelNotFoundError
     from pipeline.cluster import ClusterError

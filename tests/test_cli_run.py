@@ -60,7 +60,7 @@ def test_run_compare_names_a_detected_instruction():
     [
         (["--model", "no-such-model"], "unknown model"),
         (["--beta", "2"], "beta must lie in"),
-        (["--method", "pasta"], "method must be one of"),
+        (["--method", "no-such-method"], "method must be one of"),
     ],
 )
 def test_run_reports_bad_options(args, message):

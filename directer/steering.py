@@ -162,8 +162,8 @@ class PastaSteerer(Steerer):
 
     def head_config(self, num_layers: int) -> dict[int, list[int] | None]:
         """Layer -> steered heads (``None``: every head). Default: every head of the middle half of the
-        layers, ``[L // 4, L // 4 + L // 2)`` (PASTA profiles heads on a validation set; with no profile,
-        the middle layers are where instruction-relevant heads concentrate in its analysis)."""
+        layers, ``[L // 4, L // 4 + L // 2)``: PASTA profiles its heads on a validation set per task, and
+        without such a profile this is a documented default, not a tuned choice."""
         if not self.config.pasta_heads:
             start = num_layers // 4
             return dict.fromkeys(range(start, start + max(1, num_layers // 2)))

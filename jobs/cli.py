@@ -355,6 +355,7 @@ def generate(
     from pipeline.export import current_command
     from pipeline.inputs import InputError
     from pipeline.run import generate as run_generate
+    from pipeline.sink import OutputWriteError
 
     steering = _steering(locals())
     try:
@@ -368,7 +369,7 @@ def generate(
         _quiet_transformers()
         with _interruptible(RESUME):
             report = run_generate(config, command=current_command())
-    except (InputError, ModelNotFoundError, ClusterError, ValueError) as error:
+    except (InputError, ModelNotFoundError, ClusterError, OutputWriteError, ValueError) as error:
         raise _fail(str(error)) from None
     Console().print(render.generate_report(report))
     if examples and (table := render.examples(config.output_dir, steering.method, examples)):
@@ -433,6 +434,7 @@ def evaluate(
     from pipeline.evaluate import EvalConfig
     from pipeline.evaluate import evaluate as run_evaluation
     from pipeline.inputs import InputError
+    from pipeline.sink import OutputWriteError
 
     alphas, betas = _numbers(alpha, "--alpha"), _numbers(beta, "--beta")
     steering = _steering({**locals(), "alpha": alphas[0], "beta": betas[0]})
@@ -447,7 +449,7 @@ def evaluate(
         _quiet_transformers()
         with _interruptible(RESUME):
             summary = run_evaluation(config)
-    except (InputError, ModelNotFoundError, ClusterError, FileNotFoundError, ValueError) as error:
+    except (InputError, ModelNotFoundError, ClusterError, OutputWriteError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     Console().print(render.accuracy(summary, output))
 
@@ -577,6 +579,7 @@ def ifeval_rows(
     import pyarrow.parquet as pq
 
     from directer.ifeval import load_ifeval
+    from pipeline.outputs import replacing
 
     path = Path(output)
     if path.is_dir():
@@ -588,10 +591,11 @@ def ifeval_rows(
     except (FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    else:
-        pq.write_table(pa.Table.from_pylist(rows), path)
+    with replacing(path) as partial:
+        if path.suffix == ".jsonl":
+            partial.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        else:
+            pq.write_table(pa.Table.from_pylist(rows), partial)
     steered = sum(bool(r["instruction_spans"]) for r in rows)
     Console().print(f"{len(rows)} IFEval rows ({steered} with spans, {spans}) -> {output}")
 

@@ -22,7 +22,7 @@ from directer.scoring import score_response
 from directer.steering import STEERERS
 from pipeline.config import GenerateConfig
 from pipeline.inputs import JSON_SUFFIXES, READ_ERROR, InputError, read_json_rows, rows_to_table
-from pipeline.outputs import RunOutput
+from pipeline.outputs import RunOutput, replacing
 from pipeline.rows import user_message
 from pipeline.run import generate
 
@@ -128,7 +128,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     pq.write_table(rows_to_table(rows), inputs)
     variants = config.variants()
     record = {**asdict(config), "variants": {label: steering.to_dict() for label, steering in variants.items()}}
-    (output / "eval.json").write_text(json.dumps(record, indent=2, default=str))
+    with replacing(output / "eval.json") as partial:
+        partial.write_text(json.dumps(record, indent=2, default=str))
     reports = {}
     for label, steering in variants.items():
         run = GenerateConfig(
@@ -184,5 +185,6 @@ def score_runs(output: Path, methods: tuple[str, ...] | list[str]) -> pa.Table:
                     }
                 )
     table = pa.Table.from_pylist(records)
-    pq.write_table(table, output / "scores.parquet")
+    with replacing(output / "scores.parquet") as partial:
+        pq.write_table(table, partial)
     return table

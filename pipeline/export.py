@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from directer.scoring import score_response
 from pipeline.inputs import InputError
-from pipeline.outputs import RunOutput
+from pipeline.outputs import RunOutput, replacing
 from pipeline.rows import user_message
 
 FORMATS = ("hf", "jsonl", "parquet")
@@ -207,16 +207,15 @@ def _write(records: list[dict[str, Any]], config: ExportConfig) -> None:
 
         datasets.Dataset.from_list(records).save_to_disk(str(output / "dataset"))
     elif config.format == "jsonl":
-        with open(output / "train.jsonl", "w") as handle:
+        with replacing(output / "train.jsonl") as partial, open(partial, "w") as handle:
             for record in records:
                 handle.write(json.dumps(record) + "\n")
     else:
         folder = output / "data"
         folder.mkdir(exist_ok=True)
         for shard, start in enumerate(range(0, max(len(records), 1), SHARD_ROWS)):
-            pq.write_table(
-                pa.Table.from_pylist(records[start : start + SHARD_ROWS]), folder / f"part-{shard:05d}.parquet"
-            )
+            with replacing(folder / f"part-{shard:05d}.parquet") as partial:
+                pq.write_table(pa.Table.from_pylist(records[start : start + SHARD_ROWS]), partial)
 
 
 def _card(config: ExportConfig, report: ExportReport, rows: list[dict[str, Any]], command: str | None) -> None:

@@ -14,6 +14,8 @@ import pyarrow.parquet as pq
 
 JSON_SUFFIXES = (".jsonl", ".json")
 TEXT_FIELDS = ("id", "prompt", "instruction", "task")
+# fields with structure the row checks read; where the inputs type them differently they travel as JSON text
+STRUCTURED_FIELDS = ("instruction_spans", "messages")
 TYPE_ERRORS = "_type_errors"  # internal column: "field=type" for input fields of the wrong type
 READ_ERROR = "_read_error"  # internal column: why a JSON line could not be read as a row
 
@@ -74,26 +76,71 @@ def resolve_inputs(specs: tuple[str, ...] | list[str]) -> list[Source]:
     return sources
 
 
-def read_ids(sources: list[Source]) -> list[object]:
-    """Every row's ``id`` (``None`` where missing), read column-only on the driver."""
+@dataclass
+class Survey:
+    """What the driver reads of every input before the run: each row's ``id`` (``None`` where missing),
+    and the columns the inputs type differently, with the type every block is cast to (``None``: JSON
+    text, where the types cannot be unified, as an int in one shard and text in the next)."""
+
+    ids: list[object]
+    conform: dict[str, pa.DataType | None]
+
+
+def survey(sources: list[Source]) -> Survey:
+    """Ids read column-only (JSON lines parsed), types from the Parquet footers and the parsed lines."""
     ids: list[object] = []
+    types: dict[str, set[pa.DataType]] = {}
+
+    def add(schema: pa.Schema) -> None:
+        for field in schema:
+            if field.name not in TEXT_FIELDS and not pa.types.is_null(field.type):
+                types.setdefault(field.name, set()).add(field.type)
+
     for source in sources:
         if source.kind == "datasets":
             import datasets
 
             dataset = datasets.load_from_disk(source.paths[0])
             ids += dataset["id"] if "id" in dataset.column_names else [None] * len(dataset)
+            add(dataset.data.schema)
             continue
         for path in source.paths:
             if source.kind == "json":
-                ids += [row.get("id") for row in read_json_rows(path)]
+                rows = read_json_rows(path)
+                ids += [row.get("id") for row in rows]
+                add(rows_to_table(rows).schema)
                 continue
             dataset = pads.dataset(path, format="parquet")
+            add(dataset.schema)
             if "id" in dataset.schema.names:
                 ids += dataset.to_table(columns=["id"]).column("id").to_pylist()
             else:
                 ids += [None] * dataset.count_rows()
-    return ids
+    drifting = {name: kinds for name, kinds in types.items() if len(kinds) > 1}
+    return Survey(ids, {name: None if name in STRUCTURED_FIELDS else _unified(k) for name, k in drifting.items()})
+
+
+def _unified(kinds: set[pa.DataType]) -> pa.DataType | None:
+    """The type all of ``kinds`` promote to (int32 and int64: int64), or None when there is none."""
+    try:
+        return pa.unify_schemas([pa.schema([("c", kind)]) for kind in kinds], promote_options="permissive")[0].type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+
+
+def conform_types(batch: pa.Table, conform: dict[str, pa.DataType | None]) -> pa.Table:
+    """Cast the columns the inputs type differently to one type, or write them as JSON text, so that
+    blocks of different shards can share a batch and a file."""
+    for name, kind in conform.items():
+        if name not in batch.column_names:
+            continue
+        index = batch.schema.get_field_index(name)
+        if kind is not None:
+            batch = batch.set_column(index, name, batch.column(name).cast(kind))
+        elif not pa.types.is_string(batch.schema.field(name).type):
+            text = [None if v is None else json.dumps(v, default=str) for v in batch.column(name).to_pylist()]
+            batch = batch.set_column(index, name, pa.array(text, pa.string()))
+    return batch
 
 
 def duplicate_ids(ids: list[object]) -> dict[str, int]:
@@ -102,8 +149,8 @@ def duplicate_ids(ids: list[object]) -> dict[str, int]:
     return {i: n for i, n in counts.items() if n > 1}
 
 
-def read_dataset(sources: list[Source]):
-    """One Ray dataset over every source."""
+def read_dataset(sources: list[Source], conform: dict[str, pa.DataType | None] | None = None):
+    """One Ray dataset over every source, its columns typed alike (``conform``: see :class:`Survey`)."""
     import ray.data
 
     typed, datasets = [], []  # typed: text fields as their files typed them, for normalize_types
@@ -116,15 +163,18 @@ def read_dataset(sources: list[Source]):
                 by_schema.setdefault(pq.read_schema(path).remove_metadata().to_string(), []).append(path)
             typed += [ray.data.read_parquet(paths) for paths in by_schema.values()]
         elif source.kind == "json":
-            # each line parsed on its own: rows of different forms keep only their own fields
-            lines = ray.data.read_text(list(source.paths), drop_empty_lines=True)
-            datasets.append(lines.map_batches(parse_json_lines, batch_format="pyarrow"))
+            # each line parsed on its own: rows of different forms keep only their own fields; read as
+            # bytes (read_text fails a whole file on one invalid byte, and splits lines at U+2028)
+            files = ray.data.read_binary_files(list(source.paths))
+            datasets.append(files.map_batches(parse_json_lines, batch_format="pyarrow", fn_args=(conform or {},)))
         else:
             import datasets as hf_datasets
 
             typed.append(ray.data.from_huggingface(hf_datasets.load_from_disk(source.paths[0])))
     # one schema for the known fields (parse_json_lines already writes JSON rows so)
-    datasets += [dataset.map_batches(normalize_types, batch_format="pyarrow") for dataset in typed]
+    datasets += [
+        dataset.map_batches(normalize_types, batch_format="pyarrow", fn_args=(conform or {},)) for dataset in typed
+    ]
     first, *rest = datasets
     return first.union(*rest) if rest else first
 
@@ -134,26 +184,35 @@ def read_json_rows(path: str | Path) -> list[dict]:
     return [_json_row(line) for line in _json_lines(path)]
 
 
-def _json_lines(path: str | Path) -> list[str]:
-    with open(path, encoding="utf-8") as handle:
-        return [line for line in handle if line.strip()]
+def _json_lines(path: str | Path) -> list[bytes]:
+    return split_lines(Path(path).read_bytes())
 
 
-def _json_row(line: str) -> dict:
-    """One JSON-lines row; a line that is not a JSON object gives a row holding only its ``READ_ERROR``."""
+def split_lines(data: bytes) -> list[bytes]:
+    """JSON lines end at ``\n`` only (a raw U+2028 or form feed inside a string is not a line break)."""
+    return [line for line in data.split(b"\n") if line.strip()]
+
+
+def _json_row(line: bytes) -> dict:
+    """One JSON-lines row; a line that is not UTF-8 JSON holding an object gives a row holding only its
+    ``READ_ERROR``."""
     try:
-        row = json.loads(line)
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return {READ_ERROR: f"not valid UTF-8 (byte {error.start} of the line)"}
+    try:
+        row = json.loads(text)
     except ValueError as error:
         return {READ_ERROR: f"not valid JSON ({error})"}
     return row if isinstance(row, dict) else {READ_ERROR: f"not a JSON object but {type(row).__name__}"}
 
 
-def parse_json_lines(batch: pa.Table) -> pa.Table:
-    """Arrow rows from JSON-lines text. A field a row lacks stays null (not NaN), a column keeps its Arrow
-    type (lists stay lists), and a column whose values disagree in type is kept as JSON text; a text
-    field of the wrong type is written as text and noted in ``TYPE_ERRORS``, as :func:`normalize_types`
-    does for typed files."""
-    rows = [_json_row(line) for line in batch.column("text").to_pylist() if line.strip()]
+def parse_json_lines(batch: pa.Table, conform: dict[str, pa.DataType | None]) -> pa.Table:
+    """Arrow rows from JSON-lines files (``read_binary_files``' ``bytes``). A field a row lacks stays
+    null (not NaN), a column keeps its Arrow type (lists stay lists), and a column whose values disagree
+    in type is kept as JSON text; a text field of the wrong type is written as text and noted in
+    ``TYPE_ERRORS``, as :func:`normalize_types` does for typed files."""
+    rows = [_json_row(line) for data in batch.column("bytes").to_pylist() for line in split_lines(data)]
     notes: list[list[str]] = [[] for _ in rows]
     for row, note in zip(rows, notes):
         for name in TEXT_FIELDS:
@@ -161,7 +220,7 @@ def parse_json_lines(batch: pa.Table) -> pa.Table:
             if value is not None and not isinstance(value, str):
                 note.append(f"{name}={type(value).__name__}")
                 row[name] = json.dumps(value)
-    table = rows_to_table(rows)
+    table = conform_types(rows_to_table(rows), conform)
     return table.append_column(TYPE_ERRORS, pa.array([",".join(n) or None for n in notes], pa.string()))
 
 
@@ -173,14 +232,26 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
         values = [row.get(name) for row in rows]
         try:
             columns[name] = pa.array(values, pa.string() if name in TEXT_FIELDS else None)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # OverflowError: an integer beyond 64 bits
             columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
     return pa.table(columns) if columns else pa.table({"id": pa.array([], pa.string())})
 
 
-def normalize_types(batch: pa.Table) -> pa.Table:
+def _as_text(value: object) -> str | None:
+    """A text field's value as text: UTF-8 bytes decoded (None when they are not UTF-8), anything else
+    as JSON (dates and the like as their text)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return json.dumps(value, default=str)
+
+
+def normalize_types(batch: pa.Table, conform: dict[str, pa.DataType | None]) -> pa.Table:
     """Write the text fields as text whatever a shard typed them, noting each wrong type in
-    ``TYPE_ERRORS`` so the row becomes an error row naming the field, not a failed read."""
+    ``TYPE_ERRORS`` so the row becomes an error row naming the field, not a failed read. Binary
+    columns holding UTF-8 are text (some writers type strings so)."""
     notes: list[list[str]] = [[] for _ in range(batch.num_rows)]
     for name in TEXT_FIELDS:
         if name not in batch.column_names:
@@ -189,12 +260,14 @@ def normalize_types(batch: pa.Table) -> pa.Table:
         if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind):
             continue
         values = batch.column(name).to_pylist()
-        for row, value in enumerate(values):
-            if value is not None:
-                notes[row].append(f"{name}={type(value).__name__}")
-        text = [None if v is None else json.dumps(v) for v in values]
+        text = [None if v is None else _as_text(v) for v in values]
+        for row, (value, decoded) in enumerate(zip(values, text)):
+            if value is not None and not (isinstance(value, bytes) and decoded is not None):
+                kind = "bytes that are not UTF-8" if isinstance(value, bytes) else type(value).__name__
+                notes[row].append(f"{name}={kind}")
         batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(text, pa.string()))
     column = pa.array([",".join(n) or None for n in notes], pa.string())
+    batch = conform_types(batch, conform)
     if TYPE_ERRORS in batch.column_names:
         return batch.set_column(batch.schema.get_field_index(TYPE_ERRORS), TYPE_ERRORS, column)
     return batch.append_column(TYPE_ERRORS, column)

@@ -1,18 +1,37 @@
 """A ``directer generate`` output folder: ``data/*.parquet`` (one row per input row) and ``run.json``.
 
 The one place that knows the folder's layout; generate (resume, summary, manifest), evaluation, the
-report, export and the CLI's examples all read a run through it.
+report, export and the CLI's examples all read a run through it (generate writes it through
+``pipeline.sink``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+
+# what an interrupted write leaves (``.<name>.parquet.partial``, see ``pipeline.sink``); never a complete file
+PARTIAL_SUFFIX = ".partial"
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A hidden path beside ``path`` to write to, renamed to ``path`` once written: a reader (or a rerun
+    after a kill) finds the old file or the whole new one, never a truncated one that looks complete."""
+    partial = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -33,6 +52,13 @@ class RunOutput:
     def files(self) -> list[Path]:
         return sorted(self.data_dir.glob("*.parquet")) if self.data_dir.is_dir() else []
 
+    def discard_partial(self) -> int:
+        """Remove what an interrupted write left (never a complete file); returns how many."""
+        partial = list(self.data_dir.glob(f".*{PARTIAL_SUFFIX}")) if self.data_dir.is_dir() else []
+        for path in partial:
+            path.unlink(missing_ok=True)
+        return len(partial)
+
     def read(self, columns: list[str] | None = None, files: list[Path] | None = None) -> pa.Table:
         """The rows of ``files`` (default: all), with the ``columns`` present (default: all); an empty table
         when there are none."""
@@ -47,8 +73,8 @@ class RunOutput:
         return self.read(columns).to_pylist()
 
     def ids(self) -> tuple[set[str], bool, int]:
-        """Ids already written (and whether rows without an id were), skipping unreadable files (an
-        interrupted write, renamed ``.broken`` so its rows run again). Returns ``(ids, has_missing_id, rows)``."""
+        """Ids already written (and whether rows without an id were), skipping unreadable files (not one
+        this version writes; renamed ``.broken`` so its rows run again). Returns ``(ids, has_missing_id, rows)``."""
         ids: set[str] = set()
         missing, rows = False, 0
         for path in self.files():
@@ -73,4 +99,5 @@ class RunOutput:
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.manifest_path.write_text(json.dumps(manifest, indent=2, default=str))
+        with replacing(self.manifest_path) as partial:
+            partial.write_text(json.dumps(manifest, indent=2, default=str))

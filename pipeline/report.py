@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from directer.pieces import steered_pieces
 from directer.steering import STEERERS
 from directer.telemetry import SteeringSummary
-from pipeline.outputs import RunOutput
+from pipeline.outputs import RunOutput, replacing
 from pipeline.rows import user_message
 
 METRICS = ("prompt_strict", "prompt_loose", "inst_strict", "inst_loose")
@@ -169,7 +169,8 @@ def build_report(output: Path) -> dict[str, Any]:
     }
     if config.get("alphas") or config.get("betas"):
         summary["sweep"] = sweep_points(summary, variants)
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    with replacing(output / "summary.json") as partial:
+        partial.write_text(json.dumps(summary, indent=2))
     plots = _plots(output, summary, runs, methods)
     (output / "report.md").write_text(_markdown(summary, plots, methods))
     (output / "report.html").write_text(_html(output, summary, plots, runs, scores, methods))

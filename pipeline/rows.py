@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from directer.prompts import Prompt, PromptError, SpanMode, check_fits, join_task, prompt_from_row
-from pipeline.inputs import READ_ERROR, TYPE_ERRORS
+from pipeline.inputs import READ_ERROR, STRUCTURED_FIELDS, TYPE_ERRORS
 
 
 class RowError(ValueError):
@@ -16,6 +17,15 @@ class RowError(ValueError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+
+
+def _from_json(field: str, text: str) -> Any:
+    """A structured field written as JSON text (by its file, or by the reader where shards typed it
+    differently)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise RowError(field, f"expected a list, got text that is not JSON: {text[:40]!r}") from None
 
 
 def user_message(row: dict[str, Any]) -> str:
@@ -57,6 +67,7 @@ def prepare_row(
         raise RowError("id", f"expected a string, got {type(value).__name__}")
     if value in duplicates:
         raise RowError("id", f"{value!r} appears {duplicates[value]} times in the input; ids must be unique")
+    row = {**row, **{name: _from_json(name, row[name]) for name in STRUCTURED_FIELDS if isinstance(row.get(name), str)}}
     try:
         prompt = prompt_from_row(tokenizer, row, spans)
         check_fits(prompt, max_new_tokens, context_length)

@@ -8,6 +8,7 @@ its rankings do not depend on the run).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import shutil
 import tempfile
@@ -24,7 +25,8 @@ from directer.steering import STEERERS
 from directer.telemetry import SteeringSummary
 from pipeline.cluster import RESTART_WARNING, ClusterError, actor_start_error, hide_native_lines, init_ray
 from pipeline.config import GenerateConfig
-from pipeline.inputs import InputError, duplicate_ids, read_dataset, read_ids, resolve_inputs
+from pipeline.inputs import InputError, duplicate_ids, read_dataset, resolve_inputs, survey
+from pipeline.sink import OutputWriteError, ParquetFiles
 from pipeline.stage import GenerateStage
 
 
@@ -124,9 +126,11 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     if config.overwrite and output.data_dir.exists():
         shutil.rmtree(output.data_dir)
     check_writable(output.data_dir)
+    output.discard_partial()
     if config.overwrite or output.manifest() is None:
         write_manifest(config, None, input_files)  # before any row: an interrupted run is still checked
-    ids = read_ids(sources)
+    inputs = survey(sources)
+    ids = inputs.ids
     duplicates = duplicate_ids(ids)
     done, missing_done, _ = output.ids()
     before = set(output.files())
@@ -156,7 +160,8 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     if todo:
         # streaming re-blocking: enough blocks to keep every actor busy and to write (and resume) as
         # results come, whatever the input files' sizes
-        dataset = read_dataset(sources).repartition(target_num_rows_per_block=rows_per_block(todo, config))
+        block_rows = rows_per_block(todo, config)
+        dataset = read_dataset(sources, inputs.conform).repartition(target_num_rows_per_block=block_rows)
         if done or missing_done:
             dataset = dataset.map_batches(
                 drop_done,
@@ -178,27 +183,49 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
             num_gpus=config.gpus_per_actor,
         )
         run_started = time.perf_counter()
-        quiet = contextlib.nullcontext() if config.ray_logs else hide_native_lines(RESTART_WARNING)
-        try:
-            with quiet:
-                dataset.write_parquet(str(output.data_dir))
-        except ray.exceptions.GetTimeoutError as error:
-            if "starting actors" not in str(error):
-                raise
-            raise actor_start_error(
-                config.cpus_per_actor, config.gpus_per_actor, config.actors, config.actor_start_timeout
-            ) from None
-        except ray.exceptions.ActorDiedError as error:
-            if "creation task" not in str(error):
-                raise
-            # the model copy could not be built (a bad --device, a model that does not load): its own error
-            cause = [line for line in str(error).splitlines() if line.strip()][-1]
-            raise ClusterError(f"the model actors could not start: {cause}") from None
+        failure = execute(dataset, ParquetFiles(output.data_dir), config)
+        if failure is not None:
+            # the dataset holds the execution and so the model actors: drop it, or a failed run's actors
+            # outlive it and hold the CPUs that a next run in this process waits for
+            del dataset
+            gc.collect()
+            raise failure
         report.seconds["pipeline"] = time.perf_counter() - run_started
     _summarise(report, output.read(SUMMARY_COLUMNS, files=sorted(set(output.files()) - before)).to_pylist())
     report.seconds["total"] = time.perf_counter() - started
     write_manifest(config, report, input_files)
     return report
+
+
+def execute(dataset: Any, sink: ParquetFiles, config: GenerateConfig) -> Exception | None:
+    """Run the pipeline into ``sink``. Ray's errors that a user can act on are returned as our own (for
+    the caller to raise once it has dropped the dataset), not raised from Ray's, whose traceback holds
+    the execution."""
+    import ray
+
+    quiet = contextlib.nullcontext() if config.ray_logs else hide_native_lines(RESTART_WARNING)
+    try:
+        with quiet:
+            dataset.write_datasink(sink)
+        return None
+    except ray.exceptions.GetTimeoutError as error:
+        if "starting actors" not in str(error):
+            raise
+        failure: Exception = actor_start_error(
+            config.cpus_per_actor, config.gpus_per_actor, config.actors, config.actor_start_timeout
+        )
+    except ray.exceptions.ActorDiedError as error:
+        if "creation task" not in str(error):
+            raise
+        # the model copy could not be built (a bad --device, a model that does not load): its own error
+        cause = [line for line in str(error).splitlines() if line.strip()][-1]
+        failure = ClusterError(f"the model actors could not start: {cause}")
+    except OutputWriteError as error:
+        cause = getattr(error, "cause", error)  # Ray's task error wraps the writer's
+        failure = OutputWriteError(
+            cause.errno, f"{cause.strerror}; the rows written before it are kept: rerun the same command to resume"
+        )
+    return failure
 
 
 SUMMARY_COLUMNS = ["status", "error", "completion_tokens", "steering", "ranking_cache", "worker_load_seconds"]

@@ -20,6 +20,7 @@ from directer.quality import completion_nll, distinct_n
 from directer.steering import Steerer, register_steerer
 from directer.telemetry import SteeringSummary, StepTelemetry, arrow_fields
 from pipeline.config import GenerateConfig
+from pipeline.faults import maybe_exit_actor
 from pipeline.inputs import READ_ERROR, TYPE_ERRORS
 from pipeline.ranking_cache import RankingCache
 from pipeline.rows import RowError, prepare_row, row_id
@@ -121,6 +122,7 @@ class GenerateStage:
         ids = pa.array([row_id(row) for row in rows], type=pa.string())
         columns = {"id": ids, **{c: passthrough.column(c) for c in passthrough.column_names}}
         columns.update({c: generated.column(c) for c in generated.column_names})
+        maybe_exit_actor()
         return pa.table(columns)
 
     def _generate(self, rows: list[dict], prompts: dict, errors: dict) -> tuple[dict, dict]:

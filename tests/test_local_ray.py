@@ -24,6 +24,8 @@ def local_environment(home: Path) -> dict[str, str]:
 
 
 def rows_written(output: Path) -> list[dict]:
+    """The rows of every ``*.parquet`` in ``output/data``, read while a run may be writing there: each
+    such file must be complete (a half-written one fails the read)."""
     files = sorted(str(p) for p in (output / "data").glob("*.parquet"))
     return pads.dataset(files, format="parquet").to_table(columns=["id", "status"]).to_pylist() if files else []
 
@@ -99,6 +101,7 @@ def test_sigterm_mid_run_stops_within_seconds_and_a_rerun_resumes(tmp_path):
     final = rows_written(output)
     assert sorted(r["id"] for r in final) == [f"row-{i}" for i in range(6)]
     assert all(r["status"] == "ok" for r in final)
+    assert not list((output / "data").glob(".*"))  # what the interrupted writes left is gone
 
 
 def test_sigint_during_start_up_stops_eval_within_seconds(tmp_path):

@@ -81,7 +81,8 @@ def object_store_mib() -> float:
 
     if not ray.is_initialized():
         return 0.0
-    used = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
+    summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    used = re.search(r"Plasma memory usage (\d+) MiB", summary)
     return float(used.group(1)) if used else 0.0
 
 

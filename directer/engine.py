@@ -226,10 +226,7 @@ class _Decoding:
             self._keep_guesses(plan.fp, confirmed, guessed)
             again = self._raw_step(confirmed, logits[guessed], first=False)
             done |= self._emit(again.nonzero().squeeze(1))
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            self.cache.keep_rows(keep)
-            self.rows.keep(keep)
+        self._drop(done)
 
     def _draws(self, rows: torch.Tensor) -> torch.Tensor | None:
         """The uniform number of each row's current step when sampling (:mod:`directer.sampling`)."""
@@ -260,11 +257,14 @@ class _Decoding:
         state.layers = torch.where(accepted, self.layer_sets[0], 0)
         state.out_token = torch.where(accepted, steered, state.raw_token)
         state.out_prob = torch.where(accepted, steered_prob, probs.gather(1, raw_token[:, None])[:, 0])
-        done = self._emit(torch.arange(count, device=tokens.device))
+        self._drop(self._emit(torch.arange(count, device=tokens.device)))
+
+    def _drop(self, done: torch.Tensor) -> None:
+        """Free the cache rows of the rows that are ``done`` (both streams' for a stream method)."""
         if bool(done.any()):
             keep = (~done).nonzero().squeeze(1)
-            cache.keep_rows(torch.cat([keep, keep + count]))
-            state.keep(keep)
+            self.cache.keep_rows(torch.cat([keep, keep + len(done)]) if self.steerer.stream else keep)
+            self.rows.keep(keep)
 
     def _settle_trials(
         self, plan: PassPlan, logits: torch.Tensor, ends: torch.Tensor

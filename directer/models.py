@@ -17,6 +17,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -77,6 +78,23 @@ RANDOM: dict[str, RandomModel] = {
 
 class ModelNotFoundError(ValueError):
     """The model name is neither an alias, a folder, a GGUF file, nor a reachable Hugging Face id."""
+
+
+class UnsupportedModelError(ValueError):
+    """A checkpoint the engine does not steer (yet), refused before its weights load."""
+
+
+def check_supported(name: str, config: PretrainedConfig) -> None:
+    """Refuse quantised checkpoints (bitsandbytes, GPTQ, AWQ, ...): the engine's attention and its CPU
+    linears read projections and weights as ordinary tensors, and no quantised model has been checked
+    token for token against the reference; a wrong steer would pass silently, a refusal does not."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+        raise UnsupportedModelError(
+            f"model {name!r} is quantised ({method}): directer steers unquantised checkpoints only "
+            "(bfloat16 on a GPU halves the memory of float32); load the unquantised model"
+        )
 
 
 @dataclass
@@ -220,13 +238,17 @@ def load_model(
     if name in RANDOM:
         return _random_model(name, source, resolved_device, resolved_dtype)
     try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        check_supported(name, config)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        # weights go straight to the device (device_map): no full copy in host memory on the way to a GPU
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=resolved_dtype, trust_remote_code=trust_remote_code, **extra
-        )
+            source, config=config, dtype=resolved_dtype, device_map=resolved_device,
+            trust_remote_code=trust_remote_code, **extra,
+        )  # fmt: skip
     except OSError as error:
         raise ModelNotFoundError(f"could not load model {name!r}: {error}") from error
-    model.to(resolved_device).eval()
+    model.eval()
     return LoadedModel(model, tokenizer, name, eos_token_ids(model, tokenizer))
 
 

@@ -59,11 +59,18 @@ class RunReport:
 RESUME_FIELDS = ("model", "steering", "spans", "dtype", "score_nll")
 
 
-def check_model(name: str) -> None:
-    """Fail before Ray starts when the model name cannot be resolved."""
-    from directer.models import model_source
+def check_model(name: str, trust_remote_code: bool = False) -> None:
+    """Fail before Ray starts when the model name cannot be resolved or its checkpoint is refused."""
+    from transformers import AutoConfig
 
-    model_source(name)
+    from directer.models import ModelNotFoundError, check_supported, model_source
+
+    source, extra = model_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    except OSError as error:
+        raise ModelNotFoundError(f"could not load model {name!r}: {error}") from None
+    check_supported(name, config)
 
 
 def plan_resources(config: GenerateConfig, resources: dict[str, float]) -> GenerateConfig:
@@ -120,7 +127,7 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     started = time.perf_counter()
     sources = resolve_inputs(config.inputs)
     input_files = sorted(str(Path(path).resolve()) for source in sources for path in source.paths)
-    check_model(config.model)
+    check_model(config.model, config.trust_remote_code)
     check_resumable(config, input_files)
     output = config.run_output
     if config.overwrite and output.data_dir.exists():

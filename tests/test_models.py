@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -11,11 +13,13 @@ from directer.models import (
     RANDOM,
     ModelNotFoundError,
     RandomModel,
+    UnsupportedModelError,
     cache_dir,
     default_device_dtype,
     load_model,
     load_tokenizer,
 )
+from pipeline.run import check_model
 
 
 def test_alias_is_converted_once_and_cached(smollm2):
@@ -70,3 +74,16 @@ def test_default_device_and_dtype():
     assert default_device_dtype("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
     with pytest.raises(ValueError, match="unknown dtype"):
         default_device_dtype("cpu", "int8")
+
+
+def test_quantised_checkpoints_are_refused_before_their_weights_load(smollm2, tmp_path):
+    """No quantised model has been checked against the reference: refused, naming the method, by the
+    library and by ``generate`` before Ray starts (the folder holds no weights: nothing else could fail)."""
+    smollm2.tokenizer.save_pretrained(tmp_path)
+    config = smollm2.model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match=r"is quantised \(bitsandbytes\)"):
+        load_model(str(tmp_path))
+    with pytest.raises(UnsupportedModelError, match="unquantised"):
+        check_model(str(tmp_path))

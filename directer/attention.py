@@ -81,12 +81,7 @@ def _prefill(
         half = len(query) // 2
         real = slots[None, :] >= fp.cache.pad[half:, None]
         roles = KeyRoles(fp.cache.span[half:, :length], real, real, query.shape[1])
-        raw = _attend(query[:half], key[:half], value[:half], allowed[:half], scaling, softcap)
-        steered = _steered_attend(
-            fp.stream, layer, roles, query[half:], key[half:], value[half:], allowed[half:], scaling, softcap,
-            fused=fp.kernel == "sdpa",
-        )  # fmt: skip
-        out = torch.cat([raw, steered])
+        out = _both_streams(fp, layer, roles, query, key, value, allowed, scaling, softcap)
     return out.transpose(1, 2).contiguous()
 
 
@@ -132,13 +127,8 @@ def _decode(
         if fp.stream is None:
             out = _attend(queries, keys, values, mask, scaling, softcap)
         else:
-            half = len(keys) // 2
-            raw = _attend(queries[:half], keys[:half], values[:half], mask[:half], scaling, softcap)
-            steered = _steered_attend(
-                fp.stream, layer, fp.stream_roles(query.shape[1]), queries[half:], keys[half:], values[half:],
-                mask[half:], scaling, softcap, fused=fp.kernel == "sdpa",
-            )  # fmt: skip
-            out = torch.cat([raw, steered])
+            roles = fp.stream_roles(query.shape[1])
+            out = _both_streams(fp, layer, roles, queries, keys, values, mask, scaling, softcap)
         return out.transpose(1, 2).reshape(1, -1, query.shape[1], query.shape[3])
     own_key, own_value = _to_grid(fp, key), _to_grid(fp, value)
     scale = fp.key_scale if fp.steers(layer) else None
@@ -167,6 +157,33 @@ def _attend(
     return _weighted(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), values)
 
 
+def _both_streams(
+    fp: ForwardPass,
+    layer: int,
+    roles: KeyRoles,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """A stream method's pass: the rows of the first half attend plainly, their steered copies (the
+    second half, whose key ``roles`` are given) with the steerer's bias."""
+    half = len(query) // 2
+    raw = _attend(query[:half], keys[:half], values[:half], mask[:half], scaling, softcap)
+    steered = _steered_attend(
+        fp.stream, layer, roles, query[half:], keys[half:], values[half:], mask[half:], scaling, softcap,
+        fused=fp.kernel == "sdpa",
+    )  # fmt: skip
+    return torch.cat([raw, steered])
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``mask`` as a float mask to add to scores: 0 where a key is seen, ``-inf`` where it is hidden."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def _steered_attend(
     steerer: Steerer,
     layer: int,
@@ -189,8 +206,7 @@ def _steered_attend(
         if bias is None:
             return _attend(query, keys, values, mask, scaling, softcap, fused)
         if fused and softcap is None:
-            edited = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-            edited = edited + bias.to(query.dtype)
+            edited = _additive(mask, query.dtype) + bias.to(query.dtype)
             gqa = query.shape[1] > keys.shape[1]
             return F.scaled_dot_product_attention(query, keys, values, attn_mask=edited, scale=scaling, enable_gqa=gqa)
         scores = _masked_scores(query, keys, mask, scaling, softcap)
@@ -210,7 +226,7 @@ def _masked_scores(
     scores = torch.matmul(grouped, keys.transpose(2, 3)).view(rows, heads, width, -1) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    return scores + torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return scores + _additive(mask, scores.dtype)
 
 
 def _weighted(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -46,3 +46,18 @@ def test_bench_names_its_figures_after_the_method():
     assert set(payload["measurements"]) == {f"{m}_b{s}" for m in ("hf", "zero_shot", "pasta+gate") for s in (1, 2)}
     assert set(payload["ratios"]) == {"zero_shot_vs_hf_b1", "zero_shot_vs_hf_b2", "pasta+gate_vs_zero_shot_b1",
                                       "pasta+gate_vs_zero_shot_b2", "memory_pasta+gate_vs_zero_shot"}  # fmt: skip
+
+
+def test_the_device_check_runs_on_a_cpu_where_every_setting_agrees():
+    """``benchmarks/gpu_check.py`` is what a GPU machine runs; on the CPU against itself it must agree."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--dtypes", "float32",
+         "--models", "smollm2-135m", "--prompts", "2", "--max-new-tokens", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["method"] for r in records] == ["zero-shot", "directer"]
+    for record in records:
+        identical, total = record["tokens_agreeing"].split("/")
+        assert record["prompts_identical"] == "2/2" and identical == total and int(total) > 0

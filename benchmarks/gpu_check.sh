@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The device check: run on a CUDA machine from a checkout (no downloads; PYTHON=python3 without .venv).
+# Prints JSON lines: CUDA against CPU fp32 token agreement (bf16 and fp32) for the bundled model and
+# the 1.7B random model, then `directer bench` on CUDA with the 1.7B random model. Record the figures
+# in BENCHMARKS.md ("On a GPU").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 PYTHONPATH=.
+PYTHON=${PYTHON:-.venv/bin/python}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+"$PYTHON" benchmarks/gpu_check.py --device cuda "$@"
+"$PYTHON" -m jobs.cli bench --device cuda --model smollm2-1.7b-random --prompts 32 --max-new-tokens 64 \
+    --batch-sizes 1,32 --no-pipeline --json

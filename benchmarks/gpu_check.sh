@@ -2,7 +2,7 @@
 # The device check: run on a CUDA machine from a checkout (no downloads; PYTHON=python3 without .venv).
 # Prints JSON lines: CUDA against CPU fp32 token agreement (bf16 and fp32) for the bundled model and
 # the 1.7B random model, then `directer bench` on CUDA with the 1.7B random model. Record the figures
-# in BENCHMARKS.md ("On a GPU").
+# in BENCHMARKS.md, beside the GPU bench commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PYTHONPATH=.

@@ -39,7 +39,8 @@ def write_rows(path: Path, count: int) -> None:
 
 class Peaks(threading.Thread):
     """Samples memory until stopped: RSS of this process, of the model actors (each and together), of
-    every Ray process, and the object store's use (``ray memory --stats-only``)."""
+    every process of the local Ray this run starts (this process's descendants), and the object
+    store's use (``ray memory --stats-only``)."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -50,16 +51,14 @@ class Peaks(threading.Thread):
     def sample(self) -> None:
         driver = psutil.Process()
         actors, ray_total = [], 0.0
-        for process in psutil.process_iter(["name", "cmdline"]):
+        for process in driver.children(recursive=True):  # this run's local Ray: GCS, raylet, workers
             try:
-                line = " ".join(process.info["cmdline"] or [])
-                if not ("ray" in (process.info["name"] or "") or "ray::" in line or "/ray/" in line):
-                    continue
                 rss = process.memory_info().rss / MIB
+                line = " ".join(process.cmdline())
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             ray_total += rss
-            if "MapWorker" in line and "GenerateStage" in line:
+            if "GenerateStage" in line:
                 actors.append(rss)
         self._peak("driver_rss_mib", driver.memory_info().rss / MIB)
         self._peak("actor_rss_mib", max(actors, default=0.0))

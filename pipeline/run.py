@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -281,13 +282,25 @@ def check_resumable(config: GenerateConfig, input_files: list[str]) -> None:
             ]
         elif old != new:
             differences.append(f"{name} {old!r} -> {new!r}")
-    if manifest.get("input_files", input_files) != input_files:
+    if not same_inputs(manifest, input_files, config.output_dir):
         differences.append(f"inputs {', '.join(manifest['input_files'])} -> {', '.join(input_files)}")
     if differences:
         raise ValueError(
             f"{config.output} holds a run with another configuration ({'; '.join(differences)}): "
             "rerun with --overwrite to start over there, or choose another --output"
         )
+
+
+def same_inputs(manifest: dict[str, Any], input_files: list[str], output_dir: Path) -> bool:
+    """The run in ``manifest`` read ``input_files``: the same paths, or, for a folder moved with its
+    inputs (an evaluation folder holds its ``inputs.parquet``), the same paths relative to the run."""
+    before = manifest.get("input_files", input_files)
+    if before == input_files:
+        return True
+    if "output_dir" not in manifest:
+        return False
+    relative = [os.path.relpath(path, manifest["output_dir"]) for path in before]
+    return relative == [os.path.relpath(path, output_dir.resolve()) for path in input_files]
 
 
 def write_manifest(config: GenerateConfig, report: RunReport | None, input_files: list[str]) -> None:
@@ -303,6 +316,7 @@ def write_manifest(config: GenerateConfig, report: RunReport | None, input_files
         "config": {**config.to_dict(), "ranking_cache": str(config.ranking_cache_dir)},
         "config_fingerprint": config.steering.fingerprint(),
         "input_files": input_files,
+        "output_dir": str(config.output_dir.resolve()),
         "totals": totals,
         "invocations": [*previous, report.to_dict()] if report else previous,
     }

@@ -207,6 +207,22 @@ def test_a_folder_holding_another_run_is_not_resumed(tmp_path):
     assert sorted(r["id"] for r in read_output(output)) == ["r0", "r1"]
 
 
+def test_a_folder_moved_with_its_inputs_still_resumes(tmp_path):
+    """An evaluation folder holds its inputs beside its runs; moved or cloned elsewhere, it resumes."""
+    import shutil
+
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "inputs.jsonl").write_text(json.dumps({"id": "r0", "prompt": "Name a color. Be brief."}) + "\n")
+    steering = SteeringConfig(max_new_tokens=2)
+    generate(GenerateConfig(inputs=(str(folder / "inputs.jsonl"),), output=str(folder / "runs" / "a"),
+                            steering=steering), progress=False)  # fmt: skip
+    moved = shutil.move(folder, tmp_path / "elsewhere")
+    report = generate(GenerateConfig(inputs=(str(moved / "inputs.jsonl"),), output=str(moved / "runs" / "a"),
+                                     steering=steering), progress=False)  # fmt: skip
+    assert report.skipped == 1 and report.rows == 0
+
+
 def test_resume_compares_what_changes_the_method_s_tokens(tmp_path):
     """A folder resumes under settings that do not change its method's tokens (zero-shot ignores beta and
     the ranking; the trial schedule changes nobody's), and refuses those that do, naming them."""

@@ -20,6 +20,9 @@ from __future__ import annotations
 import re
 
 CharSpan = tuple[int, int]
+# what found a row's spans, recorded in its output (``span_detector``): bump it whenever what
+# :func:`find_instruction_spans` finds changes, so rows of different detectors can be told apart
+DETECTOR = "rules-1"
 
 _NUMBER = r"(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|fifteen|twenty|thirty|fifty|hundred)"
 _UNITS = (

@@ -562,6 +562,50 @@ def export(
     Console().print(render.export_counts(report, output))
 
 
+@app.command(cls=Command, short_help="Show the instruction spans detected in prompts.")
+def spans(
+    source: Annotated[str, typer.Argument(help="A prompt, or a .jsonl or .parquet file of input rows.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt.")] = False,
+    limit: LimitOption = None,
+) -> None:
+    """Mark the spans `--spans auto` would steer, to check detection on your data before a run.
+
+    \b
+    Example:
+      directer spans "Describe Rome. Answer in exactly two sentences."
+      directer spans prompts.jsonl --limit 20 --json
+    """
+    import pyarrow.parquet as pq
+
+    from directer.spans import DETECTOR, find_instruction_spans
+    from pipeline.inputs import JSON_SUFFIXES, READ_ERROR, read_json_rows
+    from pipeline.rows import user_message
+
+    path = Path(source)
+    if path.suffix in (*JSON_SUFFIXES, ".parquet") and path.is_file():
+        rows = read_json_rows(path) if path.suffix in JSON_SUFFIXES else pq.read_table(path).to_pylist()
+    else:
+        rows = [{"id": None, "prompt": source}]
+    console = Console()
+    for index, row in enumerate(rows[:limit]):
+        name = row.get("id") or (f"row {index}" if len(rows) > 1 or path.is_file() else "prompt")
+        try:
+            message = None if row.get(READ_ERROR) else user_message(row)
+        except (KeyError, TypeError, IndexError):
+            message = None
+        if not isinstance(message, str):
+            console.print(f"{name}: no prompt to read", style="red")
+            continue
+        found = find_instruction_spans(message)
+        if as_json:
+            texts = [message[start:end] for start, end in found]
+            record = {"id": row.get("id"), "prompt": message, "spans": found, "texts": texts, "detector": DETECTOR}
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            console.print(Text(f"{name} ({len(found)} span{'s' * (len(found) != 1)}, {DETECTOR})", style="dim"))
+            console.print(render.marked_spans(message, found))
+
+
 @app.command("ifeval", cls=Command)
 def ifeval_rows(
     output: Annotated[str, typer.Option("--output", "-o", help="File to write the input rows to: .parquet or .jsonl.")],

@@ -13,6 +13,14 @@ from directer.pieces import steered_pieces
 from pipeline.outputs import RunOutput
 
 
+def marked_spans(prompt: str, spans: list[tuple[int, int]]) -> Text:
+    """``prompt`` with its instruction spans highlighted."""
+    text = Text(prompt)
+    for start, end in spans:
+        text.stylize("bold black on yellow", start, end)
+    return text
+
+
 def highlight_steered(tokenizer, completion) -> Text:
     """The completion with every token that steering changed highlighted."""
     text = Text()

@@ -17,6 +17,7 @@ import psutil
 import pyarrow as pa
 
 from directer.quality import completion_nll, distinct_n
+from directer.spans import DETECTOR
 from directer.steering import Steerer, register_steerer
 from directer.telemetry import SteeringSummary, StepTelemetry, arrow_fields
 from pipeline.config import GenerateConfig
@@ -38,6 +39,7 @@ GENERATED = pa.schema(
         ("token_ids", pa.list_(pa.int32())),
         ("instruction_tokens", pa.int32()),
         ("span_source", pa.string()),
+        ("span_detector", pa.string()),
         ("nll", pa.float32()),
         ("distinct_2", pa.float32()),
         ("method", pa.string()),
@@ -164,6 +166,7 @@ class GenerateStage:
             "token_ids": completion.token_ids,
             "instruction_tokens": len(completion.prompt.span),
             "span_source": completion.prompt.span_source,
+            "span_detector": DETECTOR if completion.prompt.span_source == "auto" else None,
             "nll": completion_nll(self.directer.loaded.model, completion.prompt.token_ids, completion.token_ids)
             if self.config.score_nll
             else None,

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from directer import Directer, SteeringConfig
+from directer.spans import DETECTOR
 from pipeline.config import GenerateConfig
 from pipeline.run import generate
 
@@ -178,6 +179,9 @@ def test_row_forms_from_jsonl_and_a_datasets_folder(tmp_path):
             "task": "task", "chat": "instruction", "spans": "instruction_spans", "hf": "instruction", "auto": mode
         }  # fmt: skip
         assert (out["auto"]["instruction_tokens"] > 0) == (mode == "auto")
+        assert {i: r["span_detector"] for i, r in out.items() if r["span_detector"]} == (
+            {"auto": DETECTOR} if mode == "auto" else {}
+        )
         assert (out["auto"]["ranking"] is not None) == (mode == "auto")
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from directer.ifeval import literal_coverage, load_ifeval
 from directer.prompts import PromptError, SpanError, build_prompt, prompt_from_row
-from directer.spans import character_scores, find_instruction_spans
+from directer.spans import DETECTOR, character_scores, find_instruction_spans
 
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -171,3 +176,22 @@ def test_ifeval_rows(tmp_path):
     assert all(r["instruction_spans"] == [] for r in load_ifeval(spans="none", limit=5))
     with pytest.raises(FileNotFoundError):
         load_ifeval(tmp_path / "missing.jsonl")
+
+
+def test_the_spans_command_marks_a_prompt_and_each_row_of_a_file(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    rows = [{"id": "a", "prompt": "Name a tree. Answer in French."}, {"id": "b", "prompt": "Why is the sky blue?"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def spans(*arguments: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "jobs.cli", "spans", *arguments]
+        return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120)
+
+    shown = spans("Describe Rome. Answer in exactly two sentences.")
+    assert shown.returncode == 0 and f"prompt (1 span, {DETECTOR})" in shown.stdout
+    listed = spans(str(tmp_path / "rows.jsonl"), "--json")
+    records = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(r["id"], r["texts"], r["detector"]) for r in records] == [
+        ("a", ["Answer in French."], DETECTOR),
+        ("b", [], DETECTOR),
+    ]

@@ -93,7 +93,7 @@ def survey(sources: list[Source]) -> Survey:
 
     def add(schema: pa.Schema) -> None:
         for field in schema:
-            if field.name not in TEXT_FIELDS and not pa.types.is_null(field.type):
+            if field.name not in TEXT_FIELDS:
                 types.setdefault(field.name, set()).add(field.type)
 
     for source in sources:
@@ -116,7 +116,8 @@ def survey(sources: list[Source]) -> Survey:
                 ids += dataset.to_table(columns=["id"]).column("id").to_pylist()
             else:
                 ids += [None] * dataset.count_rows()
-    drifting = {name: kinds for name, kinds in types.items() if len(kinds) > 1}
+    # a column all null in one shard (JSON lines that lack it) takes the type the others give it
+    drifting = {name: kinds - {pa.null()} or kinds for name, kinds in types.items() if len(kinds) > 1}
     return Survey(ids, {name: None if name in STRUCTURED_FIELDS else _unified(k) for name, k in drifting.items()})
 
 

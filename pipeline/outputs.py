@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 # what an interrupted write leaves (``.<name>.parquet.partial``, see ``pipeline.sink``); never a complete file
 PARTIAL_SUFFIX = ".partial"
@@ -65,7 +66,9 @@ class RunOutput:
         files = self.files() if files is None else files
         if not files:
             return pa.table({})
-        dataset = pads.dataset([str(f) for f in files], format="parquet")
+        # files of one run may type a passthrough column apart (all null in one block, text in another)
+        schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+        dataset = pads.dataset([str(f) for f in files], format="parquet", schema=schema)
         present = None if columns is None else [c for c in columns if c in dataset.schema.names]
         return dataset.to_table(columns=present)
 

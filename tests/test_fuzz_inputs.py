@@ -95,8 +95,9 @@ def every_defect() -> tuple[list[list[dict]], dict[str, set[str]], dict[str, int
                 expected[row["id"]] = {DEFECTS[defect][1]} - {None}
         shards.append(rows)
     shards.append([{"id": f"g{i}", **good_row(i), "extra": f"g{i}"} for i in range(len(POOL))])
-    expected.update({f"g{i}": set() for i in range(len(POOL))})
-    pool.update({f"g{i}": i for i in range(len(POOL))})
+    shards.append([{"id": f"n{i}", **good_row(i), "extra": None} for i in range(len(POOL))])  # all null here
+    expected.update({f"{k}{i}": set() for k in "gn" for i in range(len(POOL))})
+    pool.update({f"{k}{i}": i for k in "gn" for i in range(len(POOL))})
     return shards, expected, pool
 
 
@@ -144,7 +145,8 @@ def json_line(row: dict) -> bytes:
     raw = {k: v for k, v in row.items() if isinstance(v, bytes)}
     line = json.dumps({k: f"@{k}@" if k in raw else v for k, v in row.items()}).encode()
     for name, value in raw.items():
-        line = line.replace(f'"@{name}@"'.encode(), b'"' + value.replace(b'"', b"").replace(b"\\", b"") + b'"')
+        raw_value = value.translate(None, b'"\\\n')  # the line stays one line, its string one string
+        line = line.replace(f'"@{name}@"'.encode(), b'"' + raw_value + b'"')
     return line
 
 
@@ -177,15 +179,17 @@ def clean_tokens(smollm2) -> list[list[int]]:
     return [steerer.generate(row).token_ids for row in POOL]
 
 
-# each example is a whole run (seconds): no shrinking, the failing input is printed as drawn
+# each example is a whole run (seconds): no shrinking, the failing input is printed as drawn; the same
+# examples every run, so CI is stable (explore more with --hypothesis-seed=N and a larger max_examples)
 @settings(
     max_examples=6,
+    derandomize=True,
     deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(case=inputs(), forms=st.lists(st.sampled_from(["parquet", "jsonl"]), min_size=3, max_size=3))
-@example(case=every_defect(), forms=["parquet", "jsonl", "parquet"])
+@example(case=every_defect(), forms=["parquet", "jsonl", "parquet", "jsonl"])
 def test_every_row_is_written_once_and_bad_rows_name_their_field(clean_tokens, case, forms):
     shards, expected, pool = case
     folder = Path(tempfile.mkdtemp(prefix="fuzz-"))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device check: run on a CUDA machine from a checkout (no downloads; PYTHON=python3 without .venv).
 # Prints JSON lines: CUDA against CPU fp32 token agreement (bf16 and fp32) for the bundled model and
-# the 1.7B random model, then `directer bench` on CUDA with the 1.7B random model. Record the figures
+# the 1.7B random model with peak allocated memory beside the memory plan, then `directer bench` on
+# CUDA with the 1.7B random model, and the plan of a batch of 1,024-token prompts on this GPU. Record the figures
 # in BENCHMARKS.md, beside the GPU bench commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,3 +13,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" benchmarks/gpu_check.py --device cuda "$@"
 "$PYTHON" -m jobs.cli bench --device cuda --model smollm2-1.7b-random --prompts 32 --max-new-tokens 64 \
     --batch-sizes 1,32 --no-pipeline --json
+"$PYTHON" -m jobs.cli plan --device cuda --model smollm2-1.7b-random --prompt-tokens 1024 --max-new-tokens 256 --json

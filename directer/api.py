@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any, overload
 
 import torch
 
 from directer.config import SteeringConfig
 from directer.engine import Engine, Generation, KernelChoice, Request
+from directer.memory import MAX_AUTO_BATCH, MemoryPlan, ModelShape, device_budget, plan_memory
 from directer.models import DEFAULT_MODEL, LoadedModel, load_model
 from directer.prompts import Prompt, SpanMode, check_fits, prompt_from_row
 from directer.sampling import row_key
@@ -54,7 +56,11 @@ class Completion:
 
 
 class Directer:
-    """A loaded model with its engine and a default :class:`SteeringConfig`."""
+    """A loaded model with its engine and a default :class:`SteeringConfig`.
+
+    memory_fraction: the share of the device's memory batches may fill (:mod:`directer.memory`): a
+    GPU's total, or on a CPU this process's memory plus what the host has free when first asked.
+    """
 
     def __init__(
         self,
@@ -62,11 +68,13 @@ class Directer:
         config: SteeringConfig | None = None,
         spans: SpanMode = "auto",
         kernel: KernelChoice = "auto",
+        memory_fraction: float = 0.9,
     ) -> None:
         self.loaded = loaded
         self.config = config or SteeringConfig()
         self.spans = spans  # rows without an instruction: detect one ("auto") or steer nothing ("none")
         self.engine = Engine(loaded.model, loaded.eos_token_ids, loaded.pad_token_id, kernel=kernel)
+        self.memory_fraction = memory_fraction
 
     @classmethod
     def from_pretrained(
@@ -78,12 +86,15 @@ class Directer:
         trust_remote_code: bool = False,
         spans: SpanMode = "auto",
         kernel: KernelChoice = "auto",
+        memory_fraction: float = 0.9,
+        gpus: int = 1,
         **config: Any,
     ) -> Directer:
         """Load a model (alias, Hugging Face id, folder or GGUF file); keyword config fields override defaults.
-        ``kernel``: the attention kernel of packed passes (see :class:`~directer.engine.Engine`)."""
-        loaded = load_model(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        return cls(loaded, SteeringConfig(**config), spans, kernel)
+        ``kernel``: the attention kernel of packed passes (see :class:`~directer.engine.Engine`); ``gpus``:
+        split the model over that many GPUs (see :func:`~directer.models.load_model`)."""
+        loaded = load_model(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code, gpus=gpus)
+        return cls(loaded, SteeringConfig(**config), spans, kernel, memory_fraction)
 
     @property
     def tokenizer(self):
@@ -104,11 +115,12 @@ class Directer:
         self, prompts: Sequence[PromptInput | Prompt], instruction: None = None, **overrides: Any
     ) -> list[Completion]: ...
 
-    def generate(self, prompts, instruction=None, *, batch_size: int = 16, **overrides):
+    def generate(self, prompts, instruction=None, *, batch_size: int | None = None, **overrides):
         """Steer one prompt (with its ``instruction``) or a list of prompts, ``(prompt, instruction)`` pairs,
         input-row dicts or built prompts.
 
-        ``overrides`` change fields of the config for this call, e.g. ``method="zero-shot"``.
+        ``overrides`` change fields of the config for this call, e.g. ``method="zero-shot"``; ``batch_size``:
+        see :meth:`complete`.
         """
         single = isinstance(prompts, (str, Prompt, dict))
         items = [(prompts, instruction)] if single else [p if isinstance(p, tuple) else (p, None) for p in prompts]
@@ -120,22 +132,31 @@ class Directer:
         self,
         prompts: Sequence[Prompt],
         config: SteeringConfig,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         rankings: Sequence[list[int] | None] | None = None,
         row_ids: Sequence[str] | None = None,
     ) -> list[Completion]:
         """Decode built prompts in length-sorted batches; results come back in input order.
 
-        ``row_ids`` key the rows' draws when ``config`` samples (default: each prompt's index here), so a
-        row's tokens do not depend on the batch it is decoded in.
+        ``batch_size``: rows per batch; ``None``, each batch as large as the memory plan lets it be (at
+        most :data:`~directer.memory.MAX_AUTO_BATCH` for the device). ``row_ids`` key the rows' draws when
+        ``config`` samples (default: each prompt's index here), so a row's tokens do not depend on the
+        batch it is decoded in.
 
-        Raises :class:`PromptError` before decoding anything when a prompt would not fit the model's context."""
+        Raises :class:`PromptError` before decoding anything when a prompt would not fit the model's
+        context, and :class:`~directer.memory.MemoryPlanError` before a batch that would not fit memory."""
         for prompt in prompts:
             check_fits(prompt, config.max_new_tokens, self.loaded.context_length)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].token_ids))
         results: list[Completion | None] = [None] * len(prompts)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        chunks, start = [], 0
+        while start < len(order):
+            size = batch_size or self._fitting([prompts[i] for i in order[start:]], config)
+            chunks.append(order[start : start + size])
+            start += size
+        for chunk in chunks:  # every batch is checked before any is decoded
+            self.plan_batch([prompts[i] for i in chunk], config).check(len(chunk))
+        for chunk in chunks:
             requests = [
                 Request(
                     prompts[i].token_ids,
@@ -148,6 +169,33 @@ class Directer:
             for index, generation in zip(chunk, self.engine.generate(requests, config)):
                 results[index] = self._completion(prompts[index], generation, config)
         return results  # type: ignore[return-value]
+
+    @cached_property
+    def model_shape(self) -> ModelShape:
+        model = self.loaded.model
+        return ModelShape.of(model.config, model.dtype, parameters=sum(p.numel() for p in model.parameters()))
+
+    @cached_property
+    def memory_budget(self) -> int:
+        """The memory batches may fill: of every device holding part of the model."""
+        devices = {parameter.device for parameter in self.loaded.model.parameters()}
+        return sum(device_budget(device, self.memory_fraction) for device in devices)
+
+    def plan_batch(self, prompts: Sequence[Prompt], config: SteeringConfig) -> MemoryPlan:
+        """The memory plan of one batch of ``prompts`` (its longest prompt and longest instruction)."""
+        return plan_memory(
+            self.model_shape, config, max(len(p.token_ids) for p in prompts),
+            span_tokens=max(len(p.span) for p in prompts), device=self.loaded.device.type, budget=self.memory_budget,
+        )  # fmt: skip
+
+    def _fitting(self, waiting: Sequence[Prompt], config: SteeringConfig) -> int:
+        """How many of the length-sorted ``waiting`` prompts the next batch takes (at least one: a row
+        that does not fit alone fails in :meth:`MemoryPlan.check`)."""
+        cap = min(len(waiting), MAX_AUTO_BATCH.get(self.loaded.device.type, MAX_AUTO_BATCH["cuda"]))
+        size = 1
+        while size < cap and self.plan_batch(waiting[: size + 1], config).total(size + 1) <= self.memory_budget:
+            size += 1
+        return size
 
     def _build(self, item: str | Prompt | dict, instruction: str | None) -> Prompt:
         if isinstance(item, Prompt):

@@ -47,6 +47,7 @@ def directer_attention(
     """Attention for the engine's passes; signature of ``transformers``' attention interface."""
     if directer_pass is None:
         raise RuntimeError("the 'directer' attention runs only inside the directer engine")
+    directer_pass = directer_pass.on(query.device)  # a model split over GPUs: this layer's device
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     layer = module.layer_idx

@@ -7,6 +7,8 @@ pass reads are one gathered copy per row and layer, so a trial never copies the 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -42,6 +44,16 @@ class KVCache:
         self.span_values: dict[tuple[int, float], torch.Tensor] = {}
         self.scratch = tokens_per_row + width if tokens_per_row else 0
 
+    def on(self, device: torch.device) -> KVCache:
+        """This cache as a layer on ``device`` sees it (a model split over GPUs): the rows' bookkeeping
+        there, the buffers shared (each layer's live on that layer's device, allocated by its first write)."""
+        if device == self.pad.device:
+            return self
+        view = copy.copy(self)
+        for name in ("pad", "span", "lengths", "span_slots", "span_valid"):
+            setattr(view, name, getattr(self, name).to(device))
+        return view
+
     def _buffers(self, layer: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self.keys:
             shape = (len(self.pad), key.shape[-3], self.max_len + self.scratch, key.shape[-1])
@@ -69,6 +81,7 @@ class KVCache:
     ) -> None:
         """One token per row: ``key``/``value`` ``[n, kv_heads, dim]`` into slot ``slots[i]`` of row ``rows[i]``."""
         keys, values = self._buffers(layer, key)
+        rows, slots = rows.to(keys.device), slots.to(keys.device)
         keys[rows, :, slots] = key
         values[rows, :, slots] = value
 
@@ -109,4 +122,4 @@ class KVCache:
         self.span_slots, self.span_valid = self.span_slots[rows], self.span_valid[rows]
         for store in (self.keys, self.values, self.span_keys, self.span_values):
             for key in store:
-                store[key] = store[key][rows]
+                store[key] = store[key][rows.to(store[key].device)]

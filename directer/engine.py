@@ -132,7 +132,7 @@ class Engine:
             logits_to_keep=0 if logits else 1,
             directer_pass=fp,
         )
-        return out.logits[0].float()
+        return out.logits[0].float().to(self.device)
 
 
 class _Decoding:
@@ -300,7 +300,8 @@ class _Decoding:
         stashed = torch.cumsum(fp.stash.long(), 0) - 1  # packed index -> stash index
         index, slots = stashed[packed], self.cache.lengths[rows]
         for layer, (keys, values) in fp.stashed.items():
-            self.cache.write_tokens(layer, rows, slots, keys[index], values[index])
+            here = index.to(keys.device)
+            self.cache.write_tokens(layer, rows, slots, keys[here], values[here])
 
     def _raw_step(self, rows: torch.Tensor, logits: torch.Tensor, first: bool) -> torch.Tensor:
         """The raw results of ``rows`` (their token now sits in the cache): unsteered top-1/top-2, the

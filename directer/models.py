@@ -228,28 +228,47 @@ def load_model(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
+    gpus: int = 1,
+    device_map: dict[str, str | int] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for the engine. ``trust_remote_code`` (off by default)
-    runs Python code from the model's repository in this process: a warning says so."""
+    runs Python code from the model's repository in this process: a warning says so.
+
+    ``gpus`` > 1 splits one copy over the first ``gpus`` CUDA devices by layers (``accelerate``'s
+    ``device_map="auto"``, balanced; never offloaded to the CPU), for a model larger than one GPU; the
+    engine keeps each layer's cache and masks on that layer's device. ``device_map`` (module name ->
+    device, as ``accelerate``'s) places the modules explicitly instead."""
     if trust_remote_code:
         warnings.warn(TRUST_WARNING.format(name=name), UserWarning, stacklevel=2)
     source, extra = model_source(name)
     resolved_device, resolved_dtype = default_device_dtype(device, dtype)
     if name in RANDOM:
+        if gpus > 1 or device_map:
+            raise ValueError(f"{name} is built on one device; splitting it is not supported")
         return _random_model(name, source, resolved_device, resolved_dtype)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
         check_supported(name, config)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-        # weights go straight to the device (device_map): no full copy in host memory on the way to a GPU
+        # weights go straight to their device(s) (device_map): no full copy in host memory on the way to a GPU
+        placement, max_memory = device_map or resolved_device, None
+        if gpus > 1 and device_map is None:
+            placement, max_memory = "auto", _gpu_memory(resolved_device, gpus)
         model = AutoModelForCausalLM.from_pretrained(
-            source, config=config, dtype=resolved_dtype, device_map=resolved_device,
+            source, config=config, dtype=resolved_dtype, device_map=placement, max_memory=max_memory,
             trust_remote_code=trust_remote_code, **extra,
         )  # fmt: skip
     except OSError as error:
         raise ModelNotFoundError(f"could not load model {name!r}: {error}") from error
     model.eval()
     return LoadedModel(model, tokenizer, name, eos_token_ids(model, tokenizer))
+
+
+def _gpu_memory(device: torch.device, gpus: int) -> dict[int, int]:
+    """``max_memory`` for a split over ``gpus`` GPUs: each one's total, no CPU (nothing offloaded)."""
+    if device.type != "cuda" or torch.cuda.device_count() < gpus:
+        raise ValueError(f"splitting a model over {gpus} GPUs needs {gpus} visible CUDA devices")
+    return {index: torch.cuda.get_device_properties(index).total_memory for index in range(gpus)}
 
 
 def _random_model(name: str, source: str | Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:

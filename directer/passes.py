@@ -11,7 +11,7 @@ last slot the pass reads, and the masks built here say which token sees what.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -56,6 +56,26 @@ class ForwardPass:
     stashed: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     reaches: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _memo: dict[object, object] = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> ForwardPass:
+        """This pass as a layer on ``device`` sees it (a model split over GPUs): its tensors and masks
+        there; what attention hands back (``stashed``, ``reaches``) is shared, on each layer's device."""
+        if device == self.cache.pad.device:
+            return self
+
+        def make() -> ForwardPass:
+            def move(value):
+                return value.to(device) if isinstance(value, torch.Tensor) else value
+
+            names = ("rows", "variants", "slots", "write", "stash", "steer")
+            tensors = {name: move(getattr(self, name)) for name in names}
+            # what the pass's host-side decisions read, read once (no device sync per layer)
+            decided = {"raw_only": self.raw_only, "steered": self._steered()}
+            if self.slots is not None:  # a decoding pass (a prefill reads no cached slots)
+                decided["length"] = self.length
+            return replace(self, cache=self.cache.on(device), _memo=decided, **tensors)
+
+        return self._once(("on", device), make)
 
     def _once(self, key: object, make):
         if key not in self._memo:
@@ -111,7 +131,12 @@ class ForwardPass:
 
     def steers(self, layer: int) -> bool:
         """Whether any token of the pass scales the instruction keys in ``layer``."""
-        return self._once(("steers", layer), lambda: self.steer is not None and bool(self.steer[:, :, layer].any()))
+        steered = self._steered()
+        return bool(steered) and steered[layer]
+
+    def _steered(self) -> list[bool]:
+        """Whether each layer is steered by any token (one read for the pass)."""
+        return self._once("steered", lambda: [] if self.steer is None else self.steer.any(dim=(0, 1)).tolist())
 
     def _pass_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.rows is None else tensor[self.rows]

@@ -112,7 +112,8 @@ class Disturbances:
 
     def matrix(self) -> torch.Tensor:
         """``[N, P, L]``: probe ``l`` (row of the matrix), measured at layer ``j`` (column)."""
-        return torch.stack(self.columns, dim=-1)
+        device = self.columns[0].device  # a model split over GPUs: the first layer's
+        return torch.stack([column.to(device) for column in self.columns], dim=-1)
 
 
 def layer_scores(matrix: torch.Tensor, ranking: Ranking) -> torch.Tensor:
@@ -146,7 +147,7 @@ def probe_rankings(
     probe = ForwardPass(
         cache, rows=rows, variants=num_layers, slots=slots, steer=steer, key_scale=key_scale, kernel=kernel
     )
-    raw_pre, raw_post = ([t[0, rows, None] for t in captured] for captured in (raw.pre, raw.post))
+    raw_pre, raw_post = ([t[0, rows.to(t.device), None] for t in captured] for captured in (raw.pre, raw.post))
     probes = Disturbances(raw_pre, raw_post)
     with AttentionCapture(on_layer=probes.add).recording(model):
         positions = slots - cache.pad[rows].repeat_interleave(num_layers)
@@ -158,6 +159,6 @@ def probe_rankings(
     unsteered = Disturbances(raw_pre, raw_post)
     for layer in range(num_layers):
         unsteered.add(layer, raw_pre[layer], raw_post[layer])
-    reached = torch.stack([probe.reaches[layer][:, layer] for layer in range(num_layers)], dim=1)
-    matrix = torch.where(reached[:, :, None], probes.matrix(), unsteered.matrix())
+    reached = torch.stack([probe.reaches[layer][:, layer].to(rows.device) for layer in range(num_layers)], dim=1)
+    matrix = torch.where(reached[:, :, None], probes.matrix().to(rows.device), unsteered.matrix().to(rows.device))
     return rank_layers(layer_scores(matrix, rule))

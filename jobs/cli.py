@@ -121,6 +121,17 @@ UnreachableOption = Annotated[
     float,
     typer.Option(help="Seconds to keep retrying a job server that stopped answering before giving up.", min=1),
 ]
+BatchSizeOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Rows decoded together by one actor; default the most that fit its memory (directer plan), "
+        "at most 16 on a CPU, 128 on a GPU.",
+        min=1,
+    ),
+]
+MemoryFractionOption = Annotated[
+    float, typer.Option(help="Share of an actor's device memory its batches may fill.", min=0.01, max=1.0)
+]
 LimitOption = Annotated[int | None, typer.Option(help="Only the first N prompts.", min=1)]
 RayLogsOption = Annotated[
     bool, typer.Option("--ray-logs", help="Show Ray's own log lines, per-operator bars and the workers' output.")
@@ -311,7 +322,8 @@ def generate(
     cpus_per_actor: Annotated[
         float | None, typer.Option(help="CPUs per actor; default shares the CPUs left after one for reads/writes.")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Rows decoded together by one actor.")] = 16,
+    batch_size: BatchSizeOption = None,
+    memory_fraction: MemoryFractionOption = 0.9,
     max_new_tokens: MaxNewTokensOption = 256,
     alpha: AlphaOption = 100.0,
     beta: BetaOption = 0.5,
@@ -362,6 +374,7 @@ def generate(
         config = GenerateConfig(
             inputs=tuple(inputs), output=output, model=model, steering=steering, actors=actors,
             gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
+            memory_fraction=memory_fraction,
             ranking_cache=ranking_cache, spans=spans, score_nll=score_nll,
             address=address, connect_timeout=connect_timeout, actor_start_timeout=actor_start_timeout,
             ray_logs=ray_logs, overwrite=overwrite, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -411,7 +424,8 @@ def evaluate(
     top_k: TopKOption = 0,
     seed: SeedOption = 0,
     actors: Annotated[int | None, typer.Option(help="Model copies (Ray actors); default one per GPU, or one.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Rows decoded together by one actor.")] = 16,
+    batch_size: BatchSizeOption = None,
+    memory_fraction: MemoryFractionOption = 0.9,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor.")] = None,
     max_trials: MaxTrialsOption = 10,
     device: DeviceOption = None,
@@ -442,6 +456,7 @@ def evaluate(
         config = EvalConfig(
             benchmark=benchmark, output=output, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
             data=data, spans=spans, limit=limit, model=model, actors=actors, batch_size=batch_size, address=address,
+            memory_fraction=memory_fraction,
             gpus_per_actor=gpus_per_actor, connect_timeout=connect_timeout, actor_start_timeout=actor_start_timeout,
             device=device, dtype=dtype, ray_logs=ray_logs, trust_remote_code=trust_remote_code,
             steering=steering, alphas=alphas if len(alphas) > 1 else (), betas=betas if len(betas) > 1 else (),
@@ -519,6 +534,66 @@ def bench(
         print(to_json(result))
         return
     Console().print(render.ratios(result.ratios))
+
+
+@app.command(cls=Command, short_help="Memory per actor and the largest batch that fits, before any load.")
+def plan(
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[INPUT]...", help="Parquet/JSONL files: plan for their longest prompt."),
+    ] = None,
+    model: ModelOption = "smollm2-135m",
+    method: MethodOption = "directer",
+    max_new_tokens: MaxNewTokensOption = 256,
+    max_trials: MaxTrialsOption = 10,
+    static_layers: StaticLayersOption = 0,
+    prompt_tokens: Annotated[
+        int | None, typer.Option(help="Plan for prompts of this many tokens (instead of INPUT files).", min=1)
+    ] = None,
+    instruction_tokens: Annotated[
+        int | None,
+        typer.Option(help="Instruction tokens per prompt; default the longest in INPUT, or the whole prompt."),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Check this batch size; exit 1 when it does not fit.", min=1)
+    ] = None,
+    memory: Annotated[
+        float | None, typer.Option(help="Device memory in GiB, to plan for a device this machine lacks.", min=0.01)
+    ] = None,
+    memory_fraction: MemoryFractionOption = 0.9,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Weights, KV cache and every other buffer the engine allocates per row, and the largest batch that
+    fits the device's memory, from the model's configuration alone (no weights load).
+
+    \b
+    Examples:
+      directer plan --model smollm2-1.7b-random --device cuda --memory 80 --prompt-tokens 1024
+      directer plan examples/sample_prompts.jsonl --max-new-tokens 256
+    """
+    from directer.models import ModelNotFoundError
+    from pipeline.inputs import InputError
+    from pipeline.planning import plan_run
+
+    steering = _steering(locals())
+    _quiet_transformers()
+    try:
+        result = plan_run(
+            model, steering, inputs or [], prompt_tokens=prompt_tokens, instruction_tokens=instruction_tokens,
+            device=device, dtype=dtype, memory_gib=memory, memory_fraction=memory_fraction, batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
+        ).to_dict()  # fmt: skip
+    except (InputError, ModelNotFoundError, ValueError, OSError) as error:
+        raise _fail(str(error)) from None
+    if json_output:
+        print(json.dumps(result))
+    else:
+        Console().print(render.memory_plan(result))
+    if batch_size and not result["fits"]:
+        raise typer.Exit(code=1)
 
 
 @app.command(cls=Command, short_help="Build a training set from generate outputs.")

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
@@ -127,3 +128,38 @@ def export_counts(report, output: str) -> Table:
     for name, count in report.counts:
         table.add_row(name, str(count))
     return table
+
+
+def memory_plan(plan: dict[str, Any]) -> Table:
+    """``directer plan``: what one actor holds, per row and in all, and the batch sizes that fit."""
+    mib = 1024**2
+    heading = (
+        f"{plan['model']} ({plan['dtype']}, {plan['device']}), {plan['method']}: "
+        + (
+            f"{plan['prompt_tokens']} prompt tokens (longest of {plan['prompts']} prompts)"
+            if plan["prompts"]
+            else f"{plan['prompt_tokens']} prompt tokens"
+        )
+        + f" + {plan['max_new_tokens']} new"
+    )
+    table = Table(show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("weights", f"{plan['weights'] / mib:,.1f} MiB")
+    table.add_row("runtime", f"{plan['runtime'] / mib:,.1f} MiB")
+    for name, size in plan["per_row"].items():
+        table.add_row(f"per row: {name.replace('_', ' ')}", f"{size / mib:,.2f} MiB")
+    largest = max(plan["pass_per_row"], key=plan["pass_per_row"].get)
+    pass_bytes = plan["pass_per_row"][largest]
+    table.add_row(f"per row: largest pass ({largest.replace('_', ' ')})", f"{pass_bytes / mib:,.2f} MiB")
+    table.add_row("per row", f"{plan['row_bytes'] / mib:,.2f} MiB")
+    for name, size in plan["workspace"].items():
+        rows = f"batches of {plan['workspace_rows']}+ rows" if name == "decode" else "every batch"
+        table.add_row(f"{rows}: weights repacked ({name})", f"{size / mib:,.1f} MiB")
+    if plan["budget"] is not None:
+        table.add_row("budget", f"{plan['budget'] / mib:,.1f} MiB")
+        table.add_row("largest batch that fits", str(plan["max_batch"]))
+        table.add_row("batch size when none is given", str(plan["chosen_batch"]))
+    verdict = "fits" if plan["fits"] else "does NOT fit"
+    table.add_row(f"batch of {plan['batch_size']}", f"{plan['batch_total'] / mib:,.1f} MiB ({verdict})")
+    return Group(Text(heading), table)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from directer.config import SteeringConfig
+from directer.memory import MAX_AUTO_BATCH
 from directer.models import DEFAULT_MODEL
 from pipeline.outputs import RunOutput
 
@@ -18,6 +19,10 @@ class GenerateConfig:
     gpus_per_actor: ``None`` gives each actor one GPU when the cluster has GPUs, else none.
     cpus_per_actor: ``None`` shares the CPUs left after one for Ray Data's read and write tasks.
     threads_per_actor: torch threads of a CPU actor; ``None`` shares the cluster's CPUs between actors.
+    batch_size: rows an actor decodes together; ``None``, each batch as large as the memory plan lets it
+        be (:mod:`directer.memory`), at most 16 on a CPU and 128 on a GPU.
+    memory_fraction: the share of an actor's device memory its batches may fill (of its GPUs' share
+        when it holds a fraction of one).
     ranking_cache: folder of cached layer rankings; default ``OUTPUT/ranking_cache``.
     spans: for rows that name no instruction, ``auto`` detects one and ``none`` steers nothing.
     score_nll: also store each completion's mean negative log-likelihood under the unsteered model.
@@ -37,7 +42,8 @@ class GenerateConfig:
     gpus_per_actor: float | None = None
     cpus_per_actor: float | None = None
     threads_per_actor: int | None = None
-    batch_size: int = 16
+    batch_size: int | None = None
+    memory_fraction: float = 0.9
     ranking_cache: str | None = None
     spans: str = "auto"
     score_nll: bool = False
@@ -55,14 +61,23 @@ class GenerateConfig:
             raise ValueError("give at least one input")
         if self.actors is not None and self.actors < 1:
             raise ValueError(f"--actors must be at least 1, got {self.actors}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"--memory-fraction must lie in (0, 1], got {self.memory_fraction}")
         if self.spans not in ("auto", "none"):
             raise ValueError(f"--spans must be auto or none, got {self.spans!r}")
         if self.connect_timeout <= 0 or self.actor_start_timeout <= 0:
             raise ValueError("--connect-timeout and --actor-start-timeout must be positive seconds")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ValueError(f"--gpus-per-actor must not be negative, got {self.gpus_per_actor}")
+
+    @property
+    def rows_per_call(self) -> int:
+        """Rows Ray Data hands an actor per call (which splits them into batches when ``batch_size`` is unset)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return MAX_AUTO_BATCH["cuda" if self.gpus_per_actor or (self.device or "").startswith("cuda") else "cpu"]
 
     @property
     def output_dir(self) -> Path:

@@ -45,7 +45,8 @@ class EvalConfig:
     model: str = DEFAULT_MODEL
     steering: SteeringConfig = field(default_factory=SteeringConfig)
     actors: int | None = None
-    batch_size: int = 16
+    batch_size: int | None = None
+    memory_fraction: float = 0.9
     address: str | None = None
     gpus_per_actor: float | None = None
     connect_timeout: float = 60.0
@@ -139,6 +140,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             steering=steering,
             actors=config.actors,
             batch_size=config.batch_size,
+            memory_fraction=config.memory_fraction,
             ranking_cache=str(output / "ranking_cache"),
             address=config.address,
             connect_timeout=config.connect_timeout,

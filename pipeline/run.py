@@ -60,18 +60,30 @@ class RunReport:
 RESUME_FIELDS = ("model", "steering", "spans", "dtype", "score_nll")
 
 
-def check_model(name: str, trust_remote_code: bool = False) -> None:
-    """Fail before Ray starts when the model name cannot be resolved or its checkpoint is refused."""
+def check_model(config: GenerateConfig) -> None:
+    """Fail before Ray starts when the model name cannot be resolved, its checkpoint is refused, or (for a
+    run on this machine) the weights and a batch of the shortest prompts do not fit the device's memory."""
+    import os
+
     from transformers import AutoConfig
 
-    from directer.models import ModelNotFoundError, check_supported, model_source
+    from directer.memory import ModelShape, device_budget, plan_memory
+    from directer.models import RANDOM, ModelNotFoundError, check_supported, default_device_dtype, model_source
 
-    source, extra = model_source(name)
+    source, extra = model_source(config.model)
+    sizes = dict(RANDOM[config.model].sizes) if config.model in RANDOM else {}
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code, **extra, **sizes)
     except OSError as error:
-        raise ModelNotFoundError(f"could not load model {name!r}: {error}") from None
-    check_supported(name, config)
+        raise ModelNotFoundError(f"could not load model {config.model!r}: {error}") from None
+    check_supported(config.model, model_config)
+    if config.address or os.environ.get("RAY_ADDRESS"):
+        return  # the actors' devices are elsewhere: each batch is checked there before it runs
+    device, dtype = default_device_dtype(config.device or ("cuda" if config.gpus_per_actor else None), config.dtype)
+    fraction = config.memory_fraction * min(1.0, config.gpus_per_actor or 1.0)
+    shape = ModelShape.of(model_config, dtype)
+    plan = plan_memory(shape, config.steering, 1, device=device.type, budget=device_budget(device, fraction))
+    plan.check(config.batch_size or 1)
 
 
 def plan_resources(config: GenerateConfig, resources: dict[str, float]) -> GenerateConfig:
@@ -97,7 +109,7 @@ def plan_resources(config: GenerateConfig, resources: dict[str, float]) -> Gener
 
 def rows_per_block(rows: int, config: GenerateConfig) -> int:
     """About four blocks per actor, each at least a batch and at most 256 rows (progress, resume)."""
-    return max(config.batch_size, min(256, -(-rows // (4 * config.actors))))
+    return max(config.rows_per_call, min(256, -(-rows // (4 * config.actors))))
 
 
 def drop_done(batch: pa.Table, done: pa.Array, missing_done: bool) -> pa.Table:
@@ -128,7 +140,7 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     started = time.perf_counter()
     sources = resolve_inputs(config.inputs)
     input_files = sorted(str(Path(path).resolve()) for source in sources for path in source.paths)
-    check_model(config.model, config.trust_remote_code)
+    check_model(config)
     check_resumable(config, input_files)
     output = config.run_output
     if config.overwrite and output.data_dir.exists():
@@ -184,7 +196,7 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
                 "duplicates": duplicates,
                 "steerer": STEERERS[config.steering.method],
             },
-            batch_size=config.batch_size,
+            batch_size=config.rows_per_call,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=config.actors),
             num_cpus=config.cpus_per_actor,

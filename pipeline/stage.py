@@ -7,6 +7,7 @@ run inside the actor, so each batch is one call and every input row gives exactl
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -73,8 +74,11 @@ class GenerateStage:
         self.config = config
         self.duplicates = duplicates
         self.directer = Directer.from_pretrained(
-            config.model, device=device, dtype=config.dtype, trust_remote_code=config.trust_remote_code
-        )
+            config.model, device=device, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+            # an actor holding part of a GPU plans within its part; one holding several splits the model
+            memory_fraction=config.memory_fraction * min(1.0, config.gpus_per_actor or 1.0),
+            gpus=max(1, math.ceil(config.gpus_per_actor or 1)) if device.startswith("cuda") else 1,
+        )  # fmt: skip
         self.steering = config.steering
         self.cache = (
             RankingCache(

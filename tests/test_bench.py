@@ -48,7 +48,7 @@ def test_bench_names_its_figures_after_the_method():
                                       "pasta+gate_vs_zero_shot_b2", "memory_pasta+gate_vs_zero_shot"}  # fmt: skip
 
 
-def test_the_device_check_runs_on_a_cpu_where_every_setting_agrees():
+def test_the_device_check_runs_on_a_cpu_where_every_setting_agrees(smollm2):
     """``benchmarks/gpu_check.py`` is what a GPU machine runs; on the CPU against itself it must agree."""
     result = subprocess.run(
         [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--dtypes", "float32",
@@ -61,3 +61,5 @@ def test_the_device_check_runs_on_a_cpu_where_every_setting_agrees():
     for record in records:
         identical, total = record["tokens_agreeing"].split("/")
         assert record["prompts_identical"] == "2/2" and identical == total and int(total) > 0
+        weights = sum(p.numel() * p.element_size() for p in smollm2.model.parameters())
+        assert record["planned_mib"] > weights / 2**20  # the weights and a batch

@@ -19,6 +19,7 @@ from directer.models import (
     load_model,
     load_tokenizer,
 )
+from pipeline.config import GenerateConfig
 from pipeline.run import check_model
 
 
@@ -86,4 +87,4 @@ def test_quantised_checkpoints_are_refused_before_their_weights_load(smollm2, tm
     with pytest.raises(UnsupportedModelError, match=r"is quantised \(bitsandbytes\)"):
         load_model(str(tmp_path))
     with pytest.raises(UnsupportedModelError, match="unquantised"):
-        check_model(str(tmp_path))
+        check_model(GenerateConfig(inputs=("unread.jsonl",), output=str(tmp_path / "out"), model=str(tmp_path)))

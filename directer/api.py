@@ -18,7 +18,7 @@ import torch
 
 from directer.config import SteeringConfig
 from directer.engine import Engine, Generation, KernelChoice, Request
-from directer.memory import MAX_AUTO_BATCH, MemoryPlan, ModelShape, device_budget, plan_memory
+from directer.memory import MemoryPlan, ModelShape, device_budget, plan_memory
 from directer.models import DEFAULT_MODEL, LoadedModel, load_model
 from directer.prompts import Prompt, SpanMode, check_fits, prompt_from_row
 from directer.sampling import row_key
@@ -136,38 +136,40 @@ class Directer:
         rankings: Sequence[list[int] | None] | None = None,
         row_ids: Sequence[str] | None = None,
     ) -> list[Completion]:
-        """Decode built prompts in length-sorted batches; results come back in input order.
+        """Decode built prompts, results in input order: ``batch_size`` rows at a time in order of length,
+        each finished row's place taken by the next prompt (continuous batching).
 
-        ``batch_size``: rows per batch; ``None``, each batch as large as the memory plan lets it be (at
-        most :data:`~directer.memory.MAX_AUTO_BATCH` for the device). ``row_ids`` key the rows' draws when
+        ``batch_size``: rows decoded together; ``None``, as many as the memory plan lets fit (at most
+        :data:`~directer.memory.MAX_AUTO_BATCH` for the device). ``row_ids`` key the rows' draws when
         ``config`` samples (default: each prompt's index here), so a row's tokens do not depend on the
         batch it is decoded in.
 
         Raises :class:`PromptError` before decoding anything when a prompt would not fit the model's
-        context, and :class:`~directer.memory.MemoryPlanError` before a batch that would not fit memory."""
+        context, and :class:`~directer.memory.MemoryPlanError` when the batch would not fit memory."""
+        if not prompts:
+            return []
         for prompt in prompts:
             check_fits(prompt, config.max_new_tokens, self.loaded.context_length)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].token_ids))
+        plan = self.plan_batch(prompts, config)  # every row is laid out for the longest prompt
+        size = min(len(prompts), batch_size or plan.chosen_batch(self.loaded.device.type) or 1)
+        plan.check(size)
+        requests = [
+            Request(
+                prompts[i].token_ids,
+                prompts[i].span,
+                rankings[i] if rankings else None,
+                row_key(config.seed, row_ids[i] if row_ids else str(i)),
+            )  # fmt: skip
+            for i in order
+        ]
+        # one row at a time has no place to refill: each decodes alone, unpadded
+        groups = [[k] for k in range(len(order))] if size == 1 else [list(range(len(order)))]
         results: list[Completion | None] = [None] * len(prompts)
-        chunks, start = [], 0
-        while start < len(order):
-            size = batch_size or self._fitting([prompts[i] for i in order[start:]], config)
-            chunks.append(order[start : start + size])
-            start += size
-        for chunk in chunks:  # every batch is checked before any is decoded
-            self.plan_batch([prompts[i] for i in chunk], config).check(len(chunk))
-        for chunk in chunks:
-            requests = [
-                Request(
-                    prompts[i].token_ids,
-                    prompts[i].span,
-                    rankings[i] if rankings else None,
-                    row_key(config.seed, row_ids[i] if row_ids else str(i)),
-                )  # fmt: skip
-                for i in chunk
-            ]
-            for index, generation in zip(chunk, self.engine.generate(requests, config)):
-                results[index] = self._completion(prompts[index], generation, config)
+        for group in groups:
+            generations = self.engine.generate([requests[k] for k in group], config, size)
+            for k, generation in zip(group, generations):
+                results[order[k]] = self._completion(prompts[order[k]], generation, config)
         return results  # type: ignore[return-value]
 
     @cached_property
@@ -187,15 +189,6 @@ class Directer:
             self.model_shape, config, max(len(p.token_ids) for p in prompts),
             span_tokens=max(len(p.span) for p in prompts), device=self.loaded.device.type, budget=self.memory_budget,
         )  # fmt: skip
-
-    def _fitting(self, waiting: Sequence[Prompt], config: SteeringConfig) -> int:
-        """How many of the length-sorted ``waiting`` prompts the next batch takes (at least one: a row
-        that does not fit alone fails in :meth:`MemoryPlan.check`)."""
-        cap = min(len(waiting), MAX_AUTO_BATCH.get(self.loaded.device.type, MAX_AUTO_BATCH["cuda"]))
-        size = 1
-        while size < cap and self.plan_batch(waiting[: size + 1], config).total(size + 1) <= self.memory_budget:
-            size += 1
-        return size
 
     def _build(self, item: str | Prompt | dict, instruction: str | None) -> Prompt:
         if isinstance(item, Prompt):

@@ -67,21 +67,22 @@ def _prefill(
     softcap: float | None,
 ) -> torch.Tensor:
     """Causal attention over the (left-padded) prompt, writing its keys and values to the cache."""
-    fp.cache.write_prompt(layer, key, value)
+    fp.cache.write_prompt(layer, key, value, fp.rows)
+    pad = fp._pass_rows(fp.cache.pad)
     length = query.shape[2]
     slots = torch.arange(length, device=query.device)
     allowed = slots[None, :] <= slots[:, None]
     if sliding_window is not None:
         allowed = allowed & (slots[:, None] - slots[None, :] < sliding_window)
-    allowed = allowed[None] & (slots[None, :] >= fp.cache.pad[:, None])[:, None, :]
+    allowed = allowed[None] & (slots[None, :] >= pad[:, None])[:, None, :]
     allowed = allowed | torch.eye(length, dtype=torch.bool, device=query.device)[None]  # pad rows
     allowed = allowed[:, None]
     if fp.stream is None:
         out = _attend(query, key, value, allowed, scaling, softcap)
     else:
         half = len(query) // 2
-        real = slots[None, :] >= fp.cache.pad[half:, None]
-        roles = KeyRoles(fp.cache.span[half:, :length], real, real, query.shape[1])
+        real = slots[None, :] >= pad[half:, None]
+        roles = KeyRoles(fp._pass_rows(fp.cache.span)[half:, :length], real, real, query.shape[1])
         out = _both_streams(fp, layer, roles, query, key, value, allowed, scaling, softcap)
     return out.transpose(1, 2).contiguous()
 

@@ -23,7 +23,13 @@ class KVCache:
     """
 
     def __init__(
-        self, pad: torch.Tensor, span: torch.Tensor, max_len: int, tokens_per_row: int = 0, prompt_end: int = 0
+        self,
+        pad: torch.Tensor,
+        span: torch.Tensor,
+        max_len: int,
+        tokens_per_row: int = 0,
+        prompt_end: int = 0,
+        span_width: int | None = None,
     ) -> None:
         self.pad = pad  # [B] left padding per row
         self.span = span  # [B, max_len] bool: slots whose keys are steered
@@ -32,17 +38,28 @@ class KVCache:
         self.lengths = torch.zeros_like(pad)  # [B] slots written per row
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        # the instruction keys of each row, gathered: [B, S] slots (valid where ``span_valid``), and per
-        # layer their scaled keys and their values, [B, kv_heads, S, dim], taken on the first steered
-        # pass (the prompt's last token is written by the first raw pass, not the prefill)
-        width = int(span.sum(dim=1).max())
-        slot_ids = torch.arange(span.shape[1], device=span.device).expand_as(span)
-        self.span_slots = torch.where(span, slot_ids, span.shape[1]).sort(dim=1).values[:, :width]
-        self.span_valid = self.span_slots < span.shape[1]
-        self.span_slots = self.span_slots.clamp(max=span.shape[1] - 1)
+        # the instruction keys of each row, gathered: [B, S] slots (valid where ``span_valid``; S the
+        # widest instruction of the rows this cache will hold), and per layer their scaled keys and their
+        # values, [B, kv_heads, S, dim], taken on the first steered pass (the prompt's last token is
+        # written by the first raw pass, not the prefill)
+        self.span_width = int(span.sum(dim=1).max()) if span_width is None else span_width
+        self.span_slots, self.span_valid = self._gathered(span)
         self.span_keys: dict[tuple[int, float], torch.Tensor] = {}
         self.span_values: dict[tuple[int, float], torch.Tensor] = {}
-        self.scratch = tokens_per_row + width if tokens_per_row else 0
+        self.scratch = tokens_per_row + self.span_width if tokens_per_row else 0
+
+    def _gathered(self, span: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slot_ids = torch.arange(span.shape[1], device=span.device).expand_as(span)
+        slots = torch.where(span, slot_ids, span.shape[1]).sort(dim=1).values[:, : self.span_width]
+        return slots.clamp(max=span.shape[1] - 1), slots < span.shape[1]
+
+    def admit(self, rows: torch.Tensor, pad: torch.Tensor, span: torch.Tensor) -> None:
+        """Rows of finished sequences take new ones (continuous batching): their padding and instruction,
+        nothing written yet. The scaled instruction copies are taken again on the next steered pass."""
+        self.pad[rows], self.span[rows], self.lengths[rows] = pad, span, 0
+        self.span_slots[rows], self.span_valid[rows] = self._gathered(span)
+        self.span_keys.clear()
+        self.span_values.clear()
 
     def on(self, device: torch.device) -> KVCache:
         """This cache as a layer on ``device`` sees it (a model split over GPUs): the rows' bookkeeping
@@ -61,11 +78,18 @@ class KVCache:
             self.values[layer] = key.new_zeros(shape)
         return self.keys[layer], self.values[layer]
 
-    def write_prompt(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """``key``/``value`` ``[B, kv_heads, T, dim]`` into slots ``0..T-1`` of every row."""
+    def write_prompt(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> None:
+        """``key``/``value`` ``[N, kv_heads, T, dim]`` into slots ``0..T-1`` of ``rows`` (default every row)."""
         keys, values = self._buffers(layer, key)
-        keys[:, :, : key.shape[2]] = key
-        values[:, :, : key.shape[2]] = value
+        if rows is None:
+            keys[:, :, : key.shape[2]] = key
+            values[:, :, : key.shape[2]] = value
+        else:
+            rows = rows.to(keys.device)
+            keys[rows, :, : key.shape[2]] = key
+            values[rows, :, : key.shape[2]] = value
 
     def scaled_span(self, layer: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The instruction keys of every row times ``scale``, and their values (kept once made)."""

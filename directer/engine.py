@@ -9,7 +9,8 @@ Every row runs the algorithm of the README's "How the engine works" independentl
    when the method needs an order; unless the method's gate skips the step, steered *trials* over
    the method's layer sets follow, until one emits a token the unsteered model finds plausible or
    the unsteered token is emitted (fallback);
-3. stop at any end-of-sequence id or at ``max_new_tokens``.
+3. stop at any end-of-sequence id or at ``max_new_tokens``; the row's cache row then takes the next
+   waiting request, whose prompt is prefilled there (continuous batching), until none waits.
 
 Trials read the cache as it was before the raw pass and never write to it. Rows advance
 independently: each forward is one packed pass (:mod:`directer.layout`) in which every row brings
@@ -108,8 +109,11 @@ class Engine:
         self.kernel: Kernel = ("matmul" if model.device.type == "cpu" else "sdpa") if kernel == "auto" else kernel
         self.max_guesses = max_guesses
 
-    def generate(self, requests: Sequence[Request], config: SteeringConfig) -> list[Generation]:
-        """Decode one batch; each row gets the tokens it would get alone."""
+    def generate(
+        self, requests: Sequence[Request], config: SteeringConfig, batch_size: int | None = None
+    ) -> list[Generation]:
+        """Decode ``requests``, at most ``batch_size`` at a time (default all), a finished row's place
+        taken by the next request in order; each row gets the tokens it would get alone."""
         if not requests:
             return []
         for index, request in enumerate(requests):
@@ -118,7 +122,7 @@ class Engine:
             if any(not 0 <= p < len(request.prompt_ids) for p in request.span):
                 raise ValueError(f"request {index}: span positions must lie in [0, {len(request.prompt_ids)})")
         with torch.inference_mode(), engine_attention(self.model), column_linears(self.model):
-            return _Decoding(self, requests, config).run()
+            return _Decoding(self, requests, config, batch_size or len(requests)).run()
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, fp: ForwardPass, logits: bool = True
@@ -136,86 +140,105 @@ class Engine:
 
 
 class _Decoding:
-    """One batch being decoded: the cache, each row's state, and the passes that move them on. Rows
-    advance independently and leave the batch as they finish."""
+    """The rows being decoded: the cache, each row's state, and the passes that move them on. Rows
+    advance independently. A row that finishes hands its cache row to the next waiting request, whose
+    prompt is prefilled there (continuous batching: the batch keeps its size until the input runs
+    out); then the batch shrinks as rows finish."""
 
-    def __init__(self, engine: Engine, requests: Sequence[Request], config: SteeringConfig) -> None:
+    def __init__(self, engine: Engine, requests: Sequence[Request], config: SteeringConfig, slots: int) -> None:
         self.engine, self.requests, self.config = engine, requests, config
         self.steerer = config.steerer
-        device = engine.device
-        count = len(requests)
-        lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
-        width = int(lengths.max())
-        ids = torch.full((count, width), engine.pad_token_id, dtype=torch.long, device=device)
-        span = torch.zeros(count, width + config.max_new_tokens, dtype=torch.bool, device=device)
-        for row, request in enumerate(requests):
-            ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids, device=device)
-            span[row, [width - len(request.prompt_ids) + p for p in request.span]] = True
+        # every row is left-padded to the longest prompt of all requests, so any may take any cache row
+        self.width = max(len(r.prompt_ids) for r in requests)
         self.layer_sets = self.steerer.layer_sets(engine.num_layers)
         tokens_per_row = len(self.layer_sets) + engine.max_guesses if self.layer_sets else 0
         # a stream method's steered stream: a second copy of every row, the second half of the cache rows
-        streams = 2 if self.steerer.stream else 1
+        self.streams = 2 if self.steerer.stream else 1
+        self.sampler = config.sampler
+        self.rankings: list[list[int] | None] = [None] * len(requests)
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.finished: dict[int, FinishReason] = {}
+        first = list(range(min(slots, len(requests))))
+        self.waiting = list(range(len(first), len(requests)))  # request indices, in the order given
+        ids, pad, span, self.rows = self._new_rows(first)
         self.cache = KVCache(
-            (width - lengths).repeat(streams), span.repeat(streams, 1), width + config.max_new_tokens,
-            0 if self.steerer.stream else tokens_per_row, prompt_end=width,
+            pad.repeat(self.streams), span.repeat(self.streams, 1), self.width + config.max_new_tokens,
+            0 if self.steerer.stream else tokens_per_row, prompt_end=self.width,
+            span_width=max(len(set(r.span)) for r in requests),
         )  # fmt: skip
-        self.prompt = ids.repeat(streams, 1)
+        self.prompt = ids.repeat(self.streams, 1)
+
+    def _new_rows(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RowState]:
+        """Requests ``indices`` laid out for the cache: prompt ids ``[n, width]``, left padding, instruction
+        slots, and their rows' starting state."""
+        device, width, engine = self.engine.device, self.width, self.engine
+        requests = [self.requests[i] for i in indices]
+        ids = torch.full((len(requests), width), engine.pad_token_id, dtype=torch.long, device=device)
+        span = torch.zeros(len(requests), width + self.config.max_new_tokens, dtype=torch.bool, device=device)
+        for row, request in enumerate(requests):
+            ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids, device=device)
+            span[row, [width - len(request.prompt_ids) + p for p in request.span]] = True
+        pad = torch.tensor([width - len(r.prompt_ids) for r in requests], device=device)
         # a row without an instruction span has nothing to steer: it decodes as zero-shot
         steerable = torch.tensor([bool(r.span) and bool(self.layer_sets) for r in requests], device=device)
         keys = torch.tensor([r.sample_key for r in requests], dtype=torch.long, device=device)
-        self.rows = RowState.start(ids[:, -1], steerable, keys, engine.num_layers, engine.max_guesses)
-        self.sampler = config.sampler
-        self.rankings: list[list[int] | None] = [None] * count
+        order = torch.tensor(indices, dtype=torch.long, device=device)
+        state = RowState.start(ids[:, -1], steerable, keys, engine.num_layers, engine.max_guesses, order)
         if self.steerer.ranking is not None:
-            for row, request in enumerate(requests):
+            for row, (index, request) in enumerate(zip(indices, requests)):
                 if request.ranking is not None and request.span:
-                    self.rankings[row] = list(request.ranking)
-                    self.rows.rank_of[row] = torch.argsort(torch.tensor(request.ranking, device=device))
-        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.finished: dict[int, FinishReason] = {}
+                    self.rankings[index] = list(request.ranking)
+                    state.rank_of[row] = torch.argsort(torch.tensor(request.ranking, device=device))
+        return ids, pad, span, state
 
     def run(self) -> list[Generation]:
         self._prefill()
-        first = True
         while len(self.rows):
             if self.steerer.stream:
                 self._stream_pass()
             else:
-                self._pass(first)
-            first = False
+                self._pass()
         return self._results()
 
-    def _prefill(self) -> None:
-        """All prompt tokens but the last into the cache, in one causal pass."""
+    def _prefill(self, rows: torch.Tensor | None = None) -> None:
+        """All prompt tokens but the last of cache ``rows`` (default every row) into the cache, in one causal pass."""
         cache = self.cache
-        if self.prompt.shape[1] > 1:
-            context = self.prompt[:, :-1]
-            positions = (torch.arange(context.shape[1], device=context.device)[None] - cache.pad[:, None]).clamp(min=0)
+        if self.width > 1:
+            prompt, pad = (self.prompt, cache.pad) if rows is None else (self.prompt[rows], cache.pad[rows])
+            context = prompt[:, :-1]
+            positions = (torch.arange(context.shape[1], device=context.device)[None] - pad[:, None]).clamp(min=0)
             self.engine.model(
                 input_ids=context,
                 position_ids=positions,
                 use_cache=False,
                 logits_to_keep=1,
                 directer_pass=ForwardPass(
-                    cache, prefill=True, kernel=self.engine.kernel, stream=self.steerer if self.steerer.stream else None
-                ),
+                    cache,
+                    prefill=True,
+                    rows=rows,
+                    kernel=self.engine.kernel,
+                    stream=self.steerer if self.steerer.stream else None,
+                ),  # fmt: skip
             )
-        cache.lengths += self.prompt.shape[1] - 1
+        if rows is None:
+            cache.lengths += self.width - 1
+        else:
+            cache.lengths[rows] += self.width - 1
 
-    def _pass(self, first: bool) -> None:
+    def _pass(self) -> None:
         """One forward for every active row (see :func:`~directer.layout.plan_pass`), then each row's
         step moves on."""
         engine, steerer = self.engine, self.steerer
         plan = plan_pass(
             self.rows, self.cache, self.layer_sets, self.config.trial_schedule, steerer.key_scale, engine.kernel
         )
-        probe_rows = self._rows_to_rank() if first else None
+        probe_rows = self._rows_to_rank(plan.raw_rows)
         capture = AttentionCapture()
         with capture.recording(engine.model) if probe_rows is not None else contextlib.nullcontext():
             logits = engine.forward(plan.tokens, plan.positions, plan.fp)
-        ends = self._raw_step(plan.raw_rows, logits[plan.starts[plan.raw_rows]], first)
+        ends = self._raw_step(plan.raw_rows, logits[plan.starts[plan.raw_rows]])
         if probe_rows is not None:
-            self._rank(probe_rows, capture)
+            self._rank(probe_rows, plan.starts[probe_rows], capture)
         confirmed = guessed = None
         if plan.chunk is not None:
             confirmed, guessed = self._settle_trials(plan, logits, ends)
@@ -224,7 +247,7 @@ class _Decoding:
             live = ~done[confirmed]
             confirmed, guessed = confirmed[live], guessed[live]
             self._keep_guesses(plan.fp, confirmed, guessed)
-            again = self._raw_step(confirmed, logits[guessed], first=False)
+            again = self._raw_step(confirmed, logits[guessed])
             done |= self._emit(again.nonzero().squeeze(1))
         self._drop(done)
 
@@ -260,11 +283,34 @@ class _Decoding:
         self._drop(self._emit(torch.arange(count, device=tokens.device)))
 
     def _drop(self, done: torch.Tensor) -> None:
-        """Free the cache rows of the rows that are ``done`` (both streams' for a stream method)."""
+        """The rows that are ``done`` take the next waiting requests; once none waits, their cache rows
+        (both streams' for a stream method) are freed."""
+        if not bool(done.any()):
+            return
+        finished = done.nonzero().squeeze(1)
+        taken = finished[: len(self.waiting)]
+        if taken.numel():
+            indices, self.waiting = self.waiting[: len(taken)], self.waiting[len(taken) :]
+            self._admit(taken, indices)
+            done = done.clone()
+            done[taken] = False
         if bool(done.any()):
             keep = (~done).nonzero().squeeze(1)
-            self.cache.keep_rows(torch.cat([keep, keep + len(done)]) if self.steerer.stream else keep)
+            self.cache.keep_rows(self._cache_rows(keep))
             self.rows.keep(keep)
+
+    def _cache_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The cache rows of active ``rows``: for a stream method, also their steered copies."""
+        return torch.cat([rows, rows + len(self.rows)]) if self.steerer.stream else rows
+
+    def _admit(self, rows: torch.Tensor, indices: list[int]) -> None:
+        """Active ``rows`` start over as requests ``indices``: their prompts are prefilled into those cache rows."""
+        ids, pad, span, state = self._new_rows(indices)
+        cache_rows = self._cache_rows(rows)
+        self.cache.admit(cache_rows, pad.repeat(self.streams), span.repeat(self.streams, 1))
+        self.prompt[cache_rows] = ids.repeat(self.streams, 1)
+        self.rows.admit(rows, state)
+        self._prefill(cache_rows)
 
     def _settle_trials(
         self, plan: PassPlan, logits: torch.Tensor, ends: torch.Tensor
@@ -303,7 +349,7 @@ class _Decoding:
             here = index.to(keys.device)
             self.cache.write_tokens(layer, rows, slots, keys[here], values[here])
 
-    def _raw_step(self, rows: torch.Tensor, logits: torch.Tensor, first: bool) -> torch.Tensor:
+    def _raw_step(self, rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The raw results of ``rows`` (their token now sits in the cache): unsteered top-1/top-2, the
         steerer's gate; rows past the gate run trials next. Returns ``[N]`` bool, the rows whose step
         ends here."""
@@ -319,7 +365,9 @@ class _Decoding:
         state.trials[rows], state.layers[rows] = 0, 0
         steerable = state.steerable[rows]
         # no steered token can be emitted when even the second-best raw token is not plausible
-        skipped = steerable & ~steerer.plausible(top.values[:, 1], top.values[:, 0]) & steerer.gated(first)
+        first = state.emitted[rows] == 0
+        gated = first.new_tensor([steerer.gated(False), steerer.gated(True)])[first.long()]
+        skipped = steerable & ~steerer.plausible(top.values[:, 1], top.values[:, 0]) & gated
         state.gate_skipped[rows] = skipped
         need = steerable & ~skipped
         if bool(need.any()):
@@ -356,23 +404,28 @@ class _Decoding:
         done[rows[finished]] = True
         return done
 
-    def _rows_to_rank(self) -> torch.Tensor | None:
-        """Rows that need the probes: the method orders layers, the row has a span and no given ranking
-        (on the first pass every row is still active, at its original index)."""
-        if self.steerer.ranking is None or not bool(self.rows.steerable.any()):
+    def _rows_to_rank(self, raw_rows: torch.Tensor) -> torch.Tensor | None:
+        """Rows that need the probes in this pass: the method orders layers, and the row runs its first
+        step here, has a span and no given ranking."""
+        if self.steerer.ranking is None:
             return None
-        missing = [row for row, r in enumerate(self.requests) if self.rankings[row] is None and r.span]
+        state = self.rows
+        first = raw_rows[state.steerable[raw_rows] & (state.emitted[raw_rows] == 0)]
+        missing = [
+            row for row, index in zip(first.tolist(), state.order[first].tolist()) if self.rankings[index] is None
+        ]
         return torch.tensor(missing, dtype=torch.long, device=self.engine.device) if missing else None
 
-    def _rank(self, rows: torch.Tensor, raw: AttentionCapture) -> None:
+    def _rank(self, rows: torch.Tensor, packed: torch.Tensor, raw: AttentionCapture) -> None:
+        """Rank the layers of ``rows`` from their raw pass (``packed``: their tokens' indices in it)."""
         engine = self.engine
         order = probe_rankings(
-            engine.forward, engine.model, self.cache, rows, self.rows.token[rows], raw,
+            engine.forward, engine.model, self.cache, rows, packed, self.rows.token[rows], raw,
             self.steerer.key_scale, self.steerer.ranking, engine.kernel,
         )  # fmt: skip
         self.rows.rank_of[rows] = torch.argsort(order, dim=-1)
-        for row, ranking in zip(rows.tolist(), order.tolist()):
-            self.rankings[row] = ranking
+        for index, ranking in zip(self.rows.order[rows].tolist(), order.tolist()):
+            self.rankings[index] = ranking
 
     def _results(self) -> list[Generation]:
         per_row: list[list[StepTelemetry]] = [[] for _ in self.requests]

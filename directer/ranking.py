@@ -132,6 +132,7 @@ def probe_rankings(
     model: PreTrainedModel,
     cache: KVCache,
     rows: torch.Tensor,
+    packed: torch.Tensor,
     tokens: torch.Tensor,
     raw: AttentionCapture,
     key_scale: float,
@@ -139,15 +140,15 @@ def probe_rankings(
     kernel: Kernel,
 ) -> torch.Tensor:
     """The layer order ``[R, L]`` of each row in ``rows`` (cache rows at their first step, whose raw pass
-    ``raw`` recorded and wrote the token's slot): one packed pass with one probe per layer and row,
-    each reading the slots before that token."""
+    ``raw`` recorded, their tokens at ``packed`` in it, and wrote the token's slot): one packed pass with
+    one probe per layer and row, each reading the slots before that token."""
     num_layers = len(raw.pre)
     steer = torch.eye(num_layers, dtype=torch.bool, device=rows.device).expand(len(rows), -1, -1)
     slots = (cache.lengths[rows] - 1).repeat_interleave(num_layers)
     probe = ForwardPass(
         cache, rows=rows, variants=num_layers, slots=slots, steer=steer, key_scale=key_scale, kernel=kernel
     )
-    raw_pre, raw_post = ([t[0, rows.to(t.device), None] for t in captured] for captured in (raw.pre, raw.post))
+    raw_pre, raw_post = ([t[0, packed.to(t.device), None] for t in captured] for captured in (raw.pre, raw.post))
     probes = Disturbances(raw_pre, raw_post)
     with AttentionCapture(on_layer=probes.add).recording(model):
         positions = slots - cache.pad[rows].repeat_interleave(num_layers)

@@ -34,16 +34,22 @@ class RowState:
 
     @classmethod
     def start(
-        cls, last_tokens: torch.Tensor, steerable: torch.Tensor, keys: torch.Tensor, num_layers: int, guesses: int
+        cls,
+        last_tokens: torch.Tensor,
+        steerable: torch.Tensor,
+        keys: torch.Tensor,
+        num_layers: int,
+        guesses: int,
+        order: torch.Tensor,
     ) -> RowState:
-        """Rows about to run their first step on ``last_tokens`` (each prompt's last token)."""
+        """Rows (requests ``order``) about to run their first step on ``last_tokens`` (each prompt's last token)."""
         count, device = len(last_tokens), last_tokens.device
 
         def zeros(dtype: torch.dtype = torch.long) -> torch.Tensor:
             return torch.zeros(count, dtype=dtype, device=device)
 
         return cls(
-            order=torch.arange(count, device=device),
+            order=order,
             key=keys,
             token=last_tokens.clone(),
             emitted=zeros(),
@@ -70,6 +76,15 @@ class RowState:
         """Keep only ``rows`` (one copy per event, so later passes stop paying for the rest)."""
         for item in fields(self):
             setattr(self, item.name, getattr(self, item.name)[rows])
+
+    def admit(self, rows: torch.Tensor, new: RowState) -> None:
+        """Rows ``rows`` start over as the rows of ``new`` (continuous batching)."""
+        for item in fields(self):
+            if item.name == "raw_probs":
+                if self.raw_probs.shape[1]:
+                    self.raw_probs[rows] = 0.0
+                continue
+            getattr(self, item.name)[rows] = getattr(new, item.name)
 
     def store_raw_probs(self, rows: torch.Tensor, probs: torch.Tensor) -> None:
         """Keep the raw distribution of rows that run trials (allocated when the first one does)."""

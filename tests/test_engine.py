@@ -11,7 +11,7 @@ from conftest import ARCHITECTURES, tiny_model
 from directer.config import SteeringConfig
 from directer.engine import Engine, Request
 from directer.reference import reference_generate
-from directer.steering import trial_sizes
+from directer.steering import STEERERS, trial_sizes
 
 MAX_NEW = 16
 
@@ -254,3 +254,21 @@ def test_bf16_decodes_through_both_kernels(kernel):
             assert step.changed == (step.token != step.raw_token)
             assert step.layers == 0 or step.trials == sizes.index(step.layers) + 1
     assert sum(g.summary.steered for g in generations) > 0
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma2"])
+@pytest.mark.parametrize("method", sorted(STEERERS))
+def test_continuous_batching_gives_each_row_its_tokens_alone(architecture, method):
+    """Two cache rows for seven requests of different lengths: each finished row's place is taken by the
+    next request (its prompt prefilled there, its layers ranked at its own first step), and every row
+    gets exactly what it gets alone: tokens, telemetry and ranking."""
+    engine = Engine(tiny_model(architecture, seed=5), [1], 0)
+    requests = random_requests(7, seed=11)
+    config = SteeringConfig(method=method, max_new_tokens=MAX_NEW, static_layers=3 if "static" in method else 0)
+    rolling = engine.generate(requests, config, batch_size=2)
+    for request, generation in zip(requests, rolling):
+        (alone,) = engine.generate([request], config)
+        assert generation.token_ids == alone.token_ids
+        assert generation.ranking == alone.ranking
+        steps = [(s.raw_token, s.gate_skipped, s.trials, s.layers, s.token) for s in generation.telemetry]
+        assert steps == [(s.raw_token, s.gate_skipped, s.trials, s.layers, s.token) for s in alone.telemetry]

@@ -43,8 +43,8 @@ def test_the_plans_buffers_are_what_the_engine_allocates(smollm2, monkeypatch, m
     monkeypatch.setattr(KVCache, "scaled_span", spy)
     write_prompt = KVCache.write_prompt
 
-    def spy_prompt(cache, layer, key, value):
-        write_prompt(cache, layer, key, value)
+    def spy_prompt(cache, layer, key, value, rows=None):
+        write_prompt(cache, layer, key, value, rows)
         held = sum(t.numel() * t.element_size() for store in (cache.keys, cache.values) for t in store.values())
         largest["bytes"] = max(largest["bytes"], held)
 
@@ -70,8 +70,8 @@ def test_the_plan_is_within_ten_percent_of_measured_peak_memory():
 
 
 def test_unset_batch_size_takes_the_most_rows_that_fit(smollm2, monkeypatch):
-    """With a budget for exactly three rows, batches of three (then the rest), and each row's tokens are
-    those it gets alone."""
+    """With a budget for exactly three rows, three rows decode together (each finished one's place taken
+    by the next), and each row's tokens are those it gets alone."""
     directer = Directer(smollm2)
     config = SteeringConfig(max_new_tokens=6)
     prompts = prompts_of(directer, 7)
@@ -79,13 +79,13 @@ def test_unset_batch_size_takes_the_most_rows_that_fit(smollm2, monkeypatch):
     sizes = []
     generate = directer.engine.generate
 
-    def spy(requests, steering):
-        sizes.append(len(requests))
-        return generate(requests, steering)
+    def spy(requests, steering, batch_size):
+        sizes.append((len(requests), batch_size))
+        return generate(requests, steering, batch_size)
 
     monkeypatch.setattr(directer.engine, "generate", spy)
     chosen = directer.complete(prompts, config)
-    assert sizes == [3, 3, 1]
+    assert sizes == [(7, 3)]
     alone = directer.complete(prompts[:1], config, batch_size=1)
     assert all(c.token_ids == alone[0].token_ids for c in chosen)
 

@@ -79,7 +79,10 @@ def check_model(config: GenerateConfig) -> None:
     check_supported(config.model, model_config)
     if config.address or os.environ.get("RAY_ADDRESS"):
         return  # the actors' devices are elsewhere: each batch is checked there before it runs
-    device, dtype = default_device_dtype(config.device or ("cuda" if config.gpus_per_actor else None), config.dtype)
+    try:
+        device, dtype = default_device_dtype(config.device or ("cuda" if config.gpus_per_actor else None), config.dtype)
+    except ValueError:
+        return  # no such device here: the actors say so (or wait for one) themselves
     fraction = config.memory_fraction * min(1.0, config.gpus_per_actor or 1.0)
     shape = ModelShape.of(model_config, dtype)
     plan = plan_memory(shape, config.steering, 1, device=device.type, budget=device_budget(device, fraction))

@@ -58,15 +58,11 @@ def measure(args: argparse.Namespace) -> dict[str, int]:
 
 
 def planned(args: argparse.Namespace) -> dict[str, int]:
-    from transformers import AutoConfig
-
     from directer.config import SteeringConfig
     from directer.memory import ModelShape, plan_memory
-    from directer.models import RANDOM, default_device_dtype, model_source
+    from directer.models import default_device_dtype, model_config
 
-    source, extra = model_source(args.model)
-    sizes = dict(RANDOM[args.model].sizes) if args.model in RANDOM else {}
-    config = AutoConfig.from_pretrained(source, **extra, **sizes)
+    config = model_config(args.model)
     _, dtype = default_device_dtype("cpu", args.dtype)
     steering = SteeringConfig(method=args.method, max_new_tokens=args.max_new_tokens)
     plan = plan_memory(ModelShape.of(config, dtype), steering, args.prompt_tokens, span_tokens=args.span_tokens)

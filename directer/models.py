@@ -216,6 +216,19 @@ def model_source(name: str) -> tuple[str | Path, dict[str, str]]:
     return name, {}
 
 
+def model_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The configuration of ``name`` (a random model's at its published sizes), without its weights; a
+    quantised checkpoint is refused here (:func:`check_supported`)."""
+    source, extra = model_source(name)
+    sizes = dict(RANDOM[name].sizes) if name in RANDOM else {}
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra, **sizes)
+    except OSError as error:
+        raise ModelNotFoundError(f"could not load model {name!r}: {error}") from None
+    check_supported(name, config)
+    return config
+
+
 TRUST_WARNING = (
     "trust_remote_code is on: Python code from the repository of model {name!r} runs with your permissions; "
     "use it only for repositories you trust"
@@ -247,8 +260,7 @@ def load_model(
             raise ValueError(f"{name} is built on one device; splitting it is not supported")
         return _random_model(name, source, resolved_device, resolved_dtype)
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-        check_supported(name, config)
+        config = model_config(name, trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
         # weights go straight to their device(s) (device_map): no full copy in host memory on the way to a GPU
         placement, max_memory = device_map or resolved_device, None

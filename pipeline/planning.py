@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from transformers import AutoConfig
 
 from directer.config import SteeringConfig
 from directer.memory import GIB, MemoryPlan, ModelShape, device_budget, plan_memory
-from directer.models import RANDOM, check_supported, default_device_dtype, load_tokenizer, model_source
+from directer.models import default_device_dtype, load_tokenizer, model_config
 from directer.prompts import PromptError, prompt_from_row
 from pipeline.inputs import JSON_SUFFIXES, InputError, read_json_rows
 
@@ -58,10 +57,7 @@ def plan_run(
     # the default dtypes of load_model: bf16 on a GPU, fp32 on a CPU (the device need not be here)
     default = torch.bfloat16 if target.type == "cuda" else torch.float32
     resolved_dtype = default_device_dtype("cpu", dtype)[1] if dtype else default
-    source, extra = model_source(model)
-    sizes = dict(RANDOM[model].sizes) if model in RANDOM else {}
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra, **sizes)
-    check_supported(model, config)
+    config = model_config(model, trust_remote_code)
     prompts = None
     if inputs:
         prompt_tokens, longest_span, prompts = _longest(model, inputs, steering, trust_remote_code)

@@ -65,18 +65,10 @@ def check_model(config: GenerateConfig) -> None:
     run on this machine) the weights and a batch of the shortest prompts do not fit the device's memory."""
     import os
 
-    from transformers import AutoConfig
-
     from directer.memory import ModelShape, device_budget, plan_memory
-    from directer.models import RANDOM, ModelNotFoundError, check_supported, default_device_dtype, model_source
+    from directer.models import default_device_dtype, model_config
 
-    source, extra = model_source(config.model)
-    sizes = dict(RANDOM[config.model].sizes) if config.model in RANDOM else {}
-    try:
-        model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code, **extra, **sizes)
-    except OSError as error:
-        raise ModelNotFoundError(f"could not load model {config.model!r}: {error}") from None
-    check_supported(config.model, model_config)
+    shape_config = model_config(config.model, config.trust_remote_code)
     if config.address or os.environ.get("RAY_ADDRESS"):
         return  # the actors' devices are elsewhere: each batch is checked there before it runs
     try:
@@ -84,7 +76,7 @@ def check_model(config: GenerateConfig) -> None:
     except ValueError:
         return  # no such device here: the actors say so (or wait for one) themselves
     fraction = config.memory_fraction * min(1.0, config.gpus_per_actor or 1.0)
-    shape = ModelShape.of(model_config, dtype)
+    shape = ModelShape.of(shape_config, dtype)
     plan = plan_memory(shape, config.steering, 1, device=device.type, budget=device_budget(device, fraction))
     plan.check(config.batch_size or 1)
 

@@ -540,7 +540,7 @@ def bench(
 def plan(
     inputs: Annotated[
         list[str] | None,
-        typer.Argument(metavar="[INPUT]...", help="Parquet/JSONL files: plan for their longest prompt."),
+        typer.Argument(metavar="INPUT", help="Parquet/JSONL files: plan for their longest prompt."),
     ] = None,
     model: ModelOption = "smollm2-135m",
     method: MethodOption = "directer",

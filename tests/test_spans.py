@@ -15,6 +15,7 @@ from directer.ifeval import literal_coverage, load_ifeval
 from directer.prompts import PromptError, SpanError, build_prompt, prompt_from_row
 from directer.spans import DETECTOR, character_scores, find_instruction_spans
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -155,6 +156,88 @@ def test_detection_quality_on_ifeval():
     detected = [find_instruction_spans(row["prompt"]) for row in rows]
     precision, recall = character_scores(
         [row["prompt"] for row in rows], detected, [[tuple(s) for s in row["instruction_spans"]] for row in rows]
+    )
+    assert precision >= 0.85 and recall >= 0.85, (precision, recall)
+
+
+FAMILY_CASES = {  # family: prompt, its spans marked [[...]] (written for this test, not trained on)
+    "count-words": "Tell me why bread goes stale. [[Don't go past forty words.]]",
+    "count-sentences": "Summarise the plot of Hamlet [[in three sentences at most.]]",
+    "count-items": "I'm packing for a ski trip. [[Give me exactly five items, no more.]]",
+    "count-paragraphs": "Write to my landlord about the broken heater. [[Two paragraphs will do.]]",
+    "position-start": "[[Open your reply with the word 'Honestly'.]] Should I learn piano or guitar first?",
+    "position-end": "Explain how a vaccine works and [[finish with a question for the reader.]]",
+    "template": "Rate this movie idea: a heist on the moon. [[Reply in the form:\nScore: <1-10>\nWhy: <one line>]]",
+    "word-length": "Describe a thunderstorm [[using no word longer than five letters.]]",
+    "word-start": "Write a slogan for a bakery [[where all the words begin with the letter b.]]",
+    "alliteration": "Make up a name for a pet snail. [[It should be alliterative.]]",
+    "letter-avoid": "Describe the ocean [[without ever using the letter a.]]",
+    "letter-count": "Write a tongue twister. [[The letter k should show up at least six times.]]",
+    "line-end-emoji": "Give me four reasons to drink water, [[one per line, each ending with an emoji.]]",
+    "one-word-per-line": "Write a poem about silence [[with only one word on each line.]]",
+    "sentence-start": "Describe your ideal weekend. [[Every sentence must begin with 'I'.]]",
+    "copy": "My question is: what makes a good leader? [[Repeat my question word for word before answering it.]]",
+    "list-draw": "Plan a three-course dinner [[using only these ingredients: rice, eggs, spinach, lemons and garlic.]]",
+    "options": "How was the service at the cafe, judging by this note: 'slow but friendly'? "
+    "[[Answer with one word from: good, mixed, bad.]]",
+    "constraint-in-middle": "I run a small bookshop. [[Keep everything under 100 words.]] "
+    "Write a welcome sign for the door.",
+    "long-clause": "Write a cover letter for a barista job, [[making sure it mentions my latte art, keeps a warm tone "
+    "and ends with my name, Priya.]]",
+    "no-break": "give me a riddle about clocks [[no longer than two lines]]",
+    "language": "What is a good way to say thank you to a neighbour? [[Reply in Italian.]]",
+    "format": "List the planets by size. [[Format the list as a markdown table with two columns.]]",
+    "negative-title": "What is the title of the third Harry Potter book?",
+    "negative-section": "Which section of a newspaper covers local elections?",
+    "negative-words": "What do the words 'carpe diem' mean?",
+    "negative-letter": "Write a letter to my grandmother about my new job.",
+}
+
+
+def unmarked(marked: str) -> tuple[str, list[tuple[int, int]]]:
+    """The prompt without its ``[[...]]`` marks, and the marked character spans."""
+    pieces = marked.replace("]]", "[[").split("[[")
+    text, spans = "", []
+    for index, piece in enumerate(pieces):
+        if index % 2:
+            spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    return text, spans
+
+
+# what the detector misses among them, said in the README; strict, so a detector that finds them says so
+KNOWN_MISSES = {
+    "count-paragraphs": "a bare count with no verb or answer word ('Two paragraphs will do.')",
+    "alliteration": "a style word it never saw in training ('alliterative')",
+    "letter-avoid": "a constraint's opening words cut off before the rule ('without ever | using ...')",
+    "line-end-emoji": "the task clause taken with a per-line rule that follows a comma",
+}
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[f])) if f in KNOWN_MISSES else f
+        for f in FAMILY_CASES
+    ],
+)
+def test_detection_finds_each_family_of_constraint(family):
+    text, expected = unmarked(FAMILY_CASES[family])
+    found = find_instruction_spans(text)
+    if not expected:
+        assert found == [], [text[a:b] for a, b in found]
+        return
+    precision, recall = character_scores([text], [found], [expected])
+    assert precision >= 0.8 and recall >= 0.8, ([text[a:b] for a, b in found], [text[a:b] for a, b in expected])
+
+
+def test_detection_on_the_written_held_out_set():
+    """The held-out set was never used to build the detector (the rules scored 0.775 / 0.502 on it)."""
+    rows = [json.loads(line) for line in (BENCHMARKS / "spans" / "heldout.jsonl").read_text().splitlines()]
+    precision, recall = character_scores(
+        [row["prompt"] for row in rows],
+        [find_instruction_spans(row["prompt"]) for row in rows],
+        [[tuple(s) for s in row["instruction_spans"]] for row in rows],
     )
     assert precision >= 0.85 and recall >= 0.85, (precision, recall)
 

@@ -131,7 +131,6 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     record = {**asdict(config), "variants": {label: steering.to_dict() for label, steering in variants.items()}}
     with replacing(output / "eval.json") as partial:
         partial.write_text(json.dumps(record, indent=2, default=str))
-    reports = {}
     for label, steering in variants.items():
         run = GenerateConfig(
             inputs=(str(inputs),),
@@ -154,8 +153,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             score_nll=True,
             trust_remote_code=config.trust_remote_code,
         )
-        reports[label] = generate(run, progress=progress).to_dict()
-    (output / "generation_reports.json").write_text(json.dumps(reports, indent=2, default=str))
+        generate(run, progress=progress)
     score_runs(output, list(variants))
     return build_report(output)
 

@@ -3,14 +3,13 @@
 A ranking depends on the model, the prompt's token ids, the steered span, ``alpha`` and the ranking
 rule (``caused`` or ``received``) only, so a rerun, or a run with another ``beta`` or token budget,
 reuses it. Each actor reads the folder when it
-starts and adds one new file per batch (written under a temporary name, then renamed).
+starts and adds one new file per batch (written under a hidden name, then renamed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from directer.prompts import Prompt
+from pipeline.outputs import replacing
 
 SCHEMA = pa.schema([("key", pa.string()), ("ranking", pa.list_(pa.int16()))])
 
@@ -54,8 +54,6 @@ class RankingCache:
         if not self.pending:
             return
         table = pa.table({"key": list(self.pending), "ranking": list(self.pending.values())}, schema=SCHEMA)
-        name = f"rankings-{uuid.uuid4().hex}.parquet"
-        staging = self.folder / f".{name}.tmp"
-        pq.write_table(table, staging)
-        os.replace(staging, self.folder / name)
+        with replacing(self.folder / f"rankings-{uuid.uuid4().hex}.parquet") as staging:
+            pq.write_table(table, staging)
         self.pending.clear()

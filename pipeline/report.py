@@ -137,6 +137,19 @@ def quality_stats(rows: list[dict]) -> dict[str, Any]:
     }
 
 
+def throughput(run: RunOutput) -> dict[str, float]:
+    """Tokens per second over every invocation that generated, so a resumed run (whose last invocation may
+    have had nothing left to do) reports the speed of the work it did."""
+    invocations = (run.manifest() or {}).get("invocations", [])
+    tokens = sum(i["completion_tokens"] for i in invocations)
+    seconds = sum(i["seconds"].get("pipeline", 0.0) for i in invocations)
+    return {
+        "tokens_per_second": tokens / seconds if seconds else 0.0,
+        "pipeline_seconds": seconds,
+        "completion_tokens": tokens,
+    }
+
+
 def build_report(output: Path) -> dict[str, Any]:
     """Summarise an evaluation folder and write ``summary.json``, plots, ``report.md`` and ``report.html``."""
     output = Path(output)
@@ -148,7 +161,6 @@ def build_report(output: Path) -> dict[str, Any]:
     baseline = next((m for m in methods if not steers[m]), None)
     scores = pq.read_table(output / "scores.parquet").to_pylist()
     runs = {m: RunOutput.of_method(output, m).rows() for m in methods}
-    generation = json.loads((output / "generation_reports.json").read_text())
     summary = {
         "config": config,
         # how each row's instruction was given or found (the same for every method)
@@ -157,15 +169,7 @@ def build_report(output: Path) -> dict[str, Any]:
         "per_instruction": per_instruction(scores, methods),
         "steering": {m: steering_stats(runs[m]) for m in methods if steers[m]},
         "quality": {m: quality_stats(runs[m]) for m in methods},
-        "throughput": {
-            m: {
-                "tokens_per_second": generation[m]["tokens_per_second"],
-                "pipeline_seconds": generation[m]["seconds"].get("pipeline", 0.0),
-                "completion_tokens": generation[m]["completion_tokens"],
-            }
-            for m in methods
-            if m in generation
-        },
+        "throughput": {m: throughput(RunOutput.of_method(output, m)) for m in methods},
     }
     if config.get("alphas") or config.get("betas"):
         summary["sweep"] = sweep_points(summary, variants)

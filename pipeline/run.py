@@ -27,6 +27,7 @@ from directer.telemetry import SteeringSummary
 from pipeline.cluster import RESTART_WARNING, ClusterError, actor_start_error, hide_native_lines, init_ray
 from pipeline.config import GenerateConfig
 from pipeline.inputs import InputError, duplicate_ids, read_dataset, resolve_inputs, survey
+from pipeline.outputs import RunOutput
 from pipeline.sink import OutputWriteError, ParquetFiles
 from pipeline.stage import GenerateStage
 
@@ -46,6 +47,7 @@ class RunReport:
     ranking_cache: dict[str, int] = field(default_factory=dict)
     error_examples: list[str] = field(default_factory=list)
     command: str | None = None
+    interrupted: bool = False
 
     @property
     def tokens_per_second(self) -> float:
@@ -198,7 +200,14 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
             num_gpus=config.gpus_per_actor,
         )
         run_started = time.perf_counter()
-        failure = execute(dataset, ParquetFiles(output.data_dir), config)
+        try:
+            failure = execute(dataset, ParquetFiles(output.data_dir), config)
+        except KeyboardInterrupt:
+            # what was written is kept (a rerun resumes after it): record it and its speed
+            report.interrupted = True
+            report.seconds["pipeline"] = time.perf_counter() - run_started
+            _record(report, output, before, started, config, input_files)
+            raise
         if failure is not None:
             # the dataset holds the execution and so the model actors: drop it, or a failed run's actors
             # outlive it and hold the CPUs that a next run in this process waits for
@@ -206,10 +215,22 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
             gc.collect()
             raise failure
         report.seconds["pipeline"] = time.perf_counter() - run_started
+    _record(report, output, before, started, config, input_files)
+    return report
+
+
+def _record(
+    report: RunReport,
+    output: RunOutput,
+    before: set[Path],
+    started: float,
+    config: GenerateConfig,
+    input_files: list[str],
+) -> None:
+    """Count the rows this invocation wrote (the files that were not there before it) into ``run.json``."""
     _summarise(report, output.read(SUMMARY_COLUMNS, files=sorted(set(output.files()) - before)).to_pylist())
     report.seconds["total"] = time.perf_counter() - started
     write_manifest(config, report, input_files)
-    return report
 
 
 def execute(dataset: Any, sink: ParquetFiles, config: GenerateConfig) -> Exception | None:

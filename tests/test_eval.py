@@ -66,6 +66,15 @@ def test_report_shows_telemetry_quality_and_examples(evaluation):
     assert (output / "report.html").is_file()
 
 
+def test_a_rerun_of_a_finished_evaluation_keeps_the_measured_throughput(evaluation):
+    output, summary = evaluation
+    config = EvalConfig(output=str(output), limit=LIMIT, steering=SteeringConfig(max_new_tokens=12), batch_size=4)
+    again = evaluate(config, progress=False)  # every row is done: nothing is generated
+    assert again["accuracy"] == summary["accuracy"]
+    for method, measured in summary["throughput"].items():
+        assert again["throughput"][method] == measured and measured["tokens_per_second"] > 0
+
+
 def test_users_own_rows_in_every_form_are_steered(tmp_path):
     caps, lower = "Answer in all capital letters.", "Use only lowercase letters."
     checks = {"instruction_id_list": ["change_case:english_capital"], "kwargs": [{}]}

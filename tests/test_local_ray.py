@@ -3,6 +3,7 @@ cluster file from an earlier head, actors that can never start, and SIGINT/SIGTE
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -93,6 +94,9 @@ def test_sigterm_mid_run_stops_within_seconds_and_a_rerun_resumes(tmp_path):
     stops_within_seconds(run, signal.SIGTERM)
     done = rows_written(output)
     assert 0 < len(done) < 6
+    # run.json records the interrupted invocation's rows and speed (a report's tokens/s counts them)
+    (stopped,) = json.loads((output / "run.json").read_text())["invocations"]
+    assert stopped["interrupted"] and stopped["rows"] == len(done) and stopped["tokens_per_second"] > 0
 
     rerun = subprocess.run([*command, "--ray-logs"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

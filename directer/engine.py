@@ -37,7 +37,6 @@ from directer.attention import engine_attention
 from directer.cache import KVCache
 from directer.config import SteeringConfig
 from directer.layout import PassPlan, plan_pass
-from directer.linears import column_linears
 from directer.passes import ForwardPass, Kernel
 from directer.ranking import AttentionCapture, probe_rankings
 from directer.row_state import RowState
@@ -121,7 +120,7 @@ class Engine:
                 raise ValueError(f"request {index}: empty prompt")
             if any(not 0 <= p < len(request.prompt_ids) for p in request.span):
                 raise ValueError(f"request {index}: span positions must lie in [0, {len(request.prompt_ids)})")
-        with torch.inference_mode(), engine_attention(self.model), column_linears(self.model):
+        with torch.inference_mode(), engine_attention(self.model):
             return _Decoding(self, requests, config, batch_size or len(requests)).run()
 
     def forward(

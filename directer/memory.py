@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from directer.config import SteeringConfig
 from directer.engine import MAX_GUESSES
-from directer.linears import MAX_COLUMN_TOKENS
 
 GIB = 1024**3
 MIB = 1024**2
@@ -27,6 +26,9 @@ MAX_AUTO_BATCH = {"cpu": 16, "cuda": 128}
 # besides weights and batch: the tokenizer and the model's Python objects (measured about 60 MiB on a
 # CPU for both sizes in BENCHMARKS.md); on a GPU, the CUDA context, which allocations do not show
 RUNTIME = {"cpu": 64 * MIB, "cuda": 512 * MIB}
+# on a CPU, a product of more than this many tokens has MKL repack the weight it multiplies (measured
+# with benchmarks/memory_plan.py: smaller passes show no repacked copy)
+REPACK_ABOVE_TOKENS = 64
 
 
 class MemoryPlanError(ValueError):
@@ -175,13 +177,13 @@ def plan_memory(
         probe_keys = 2 * s.kv_heads * (prompt_tokens + s.layers + span) * s.head_dim * s.dtype_bytes
         probe_scores = s.heads * s.layers * (prompt_tokens + s.layers + span) * 4 * 3
         passes["ranking_probes"] = probe_keys + probe_scores + s.layers * s.hidden * s.dtype_bytes * 6
-    # on a CPU, a pass of more than MAX_COLUMN_TOKENS tokens has MKL repack each weight it multiplies
-    # (directer.linears): a prefill, a copy of a layer's largest; a decoding pass, of the output embedding
+    # on a CPU, a pass of several tokens has MKL repack each weight it multiplies: a prefill, a copy of
+    # a layer's largest; a decoding pass, of the output embedding
     workspace = {}
     if device == "cpu":
         layer_weight = max(s.intermediate * s.hidden, (s.heads + 2 * s.kv_heads) * s.head_dim * s.hidden)
         workspace = {"prefill": layer_weight * s.dtype_bytes, "decode": s.vocab * s.hidden * s.dtype_bytes}
-    workspace_rows = MAX_COLUMN_TOKENS // pass_tokens + 1
+    workspace_rows = REPACK_ABOVE_TOKENS // pass_tokens + 1
     weights = s.parameters * s.dtype_bytes
     runtime = RUNTIME.get(device, RUNTIME["cuda"])
     return MemoryPlan(

@@ -135,7 +135,9 @@ class GenerateStage:
         """Completions of the well-formed rows; a failing batch is retried row by row."""
         indices = list(prompts)
         rankings = [self.cache.get(prompts[i]) if self.cache else None for i in indices]
-        hits = {i: ("hit" if r is not None else "miss") for i, r in zip(indices, rankings)} if self.cache else {}
+        # a row without an instruction span is not steered and has no ranking: no cache status
+        hits = {i: "hit" if r is not None else "miss" for i, r in zip(indices, rankings) if prompts[i].span}
+        hits = hits if self.cache else {}
         try:
             batch = [prompts[i] for i in indices]
             ids = [row_id(rows[i]) for i in indices]

@@ -130,7 +130,9 @@ def test_a_sweep_runs_the_grid_in_one_command_and_plots_it(tmp_path):
         assert set(summary["accuracy"][point["label"]]) >= set(METRICS)
         if point["method"] == "directer":  # each alpha's rankings come from its first beta's run
             expected = "miss" if point["beta"] == 0.3 else "hit"
-            assert {r["ranking_cache"] for r in rows} == {expected}
+            assert {r["ranking_cache"] for r in rows if r["instruction_tokens"]} == {expected}
+            # a row without a span is not steered: it has no ranking to cache
+            assert all(r["ranking_cache"] is None for r in rows if not r["instruction_tokens"])
     assert "diff_vs_zero_shot" in summary["accuracy"]["directer_alpha100_beta0.7"]
     assert (output / "sweep_directer.png").is_file() and (output / "sweep_static.png").is_file()
     assert "## Sweep" in (output / "report.md").read_text()

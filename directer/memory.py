@@ -177,8 +177,8 @@ def plan_memory(
         probe_keys = 2 * s.kv_heads * (prompt_tokens + s.layers + span) * s.head_dim * s.dtype_bytes
         probe_scores = s.heads * s.layers * (prompt_tokens + s.layers + span) * 4 * 3
         passes["ranking_probes"] = probe_keys + probe_scores + s.layers * s.hidden * s.dtype_bytes * 6
-    # on a CPU, a pass of several tokens has MKL repack each weight it multiplies: a prefill, a copy of
-    # a layer's largest; a decoding pass, of the output embedding
+    # on a CPU, a pass of more than REPACK_ABOVE_TOKENS tokens has MKL repack each weight it multiplies:
+    # a prefill, a copy of a layer's largest; a decoding pass, of the output embedding
     workspace = {}
     if device == "cpu":
         layer_weight = max(s.intermediate * s.hidden, (s.heads + 2 * s.kv_heads) * s.head_dim * s.hidden)

@@ -160,7 +160,8 @@ def build_report(output: Path) -> dict[str, Any]:
     steers = {label: STEERERS[variant["method"]].steers for label, variant in variants.items()}
     baseline = next((m for m in methods if not steers[m]), None)
     scores = pq.read_table(output / "scores.parquet").to_pylist()
-    runs = {m: RunOutput.of_method(output, m).rows() for m in methods}
+    outputs = {m: RunOutput.of_method(output, m) for m in methods}
+    runs = {m: run.rows() for m, run in outputs.items()}
     summary = {
         "config": config,
         # how each row's instruction was given or found (the same for every method)
@@ -169,7 +170,7 @@ def build_report(output: Path) -> dict[str, Any]:
         "per_instruction": per_instruction(scores, methods),
         "steering": {m: steering_stats(runs[m]) for m in methods if steers[m]},
         "quality": {m: quality_stats(runs[m]) for m in methods},
-        "throughput": {m: throughput(RunOutput.of_method(output, m)) for m in methods},
+        "throughput": {m: throughput(run) for m, run in outputs.items()},
     }
     if config.get("alphas") or config.get("betas"):
         summary["sweep"] = sweep_points(summary, variants)

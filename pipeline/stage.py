@@ -136,8 +136,9 @@ class GenerateStage:
         indices = list(prompts)
         rankings = [self.cache.get(prompts[i]) if self.cache else None for i in indices]
         # a row without an instruction span is not steered and has no ranking: no cache status
-        hits = {i: "hit" if r is not None else "miss" for i, r in zip(indices, rankings) if prompts[i].span}
-        hits = hits if self.cache else {}
+        hits = {
+            i: "hit" if r is not None else "miss" for i, r in zip(indices, rankings) if self.cache and prompts[i].span
+        }
         try:
             batch = [prompts[i] for i in indices]
             ids = [row_id(rows[i]) for i in indices]

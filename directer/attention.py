@@ -114,7 +114,10 @@ def _decode(
 ) -> torch.Tensor:
     """Every token of the pass: attend to its row's cached slots before its slot, plus its own key."""
     cache = fp.cache
-    if fp.write is not None:
+    if fp.raw_only:  # every token writes: token i is row i's
+        slots = fp.slots if fp.common_slot is None else fp.common_slot
+        cache.write_tokens(layer, None, slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    elif fp.write is not None:
         writers = fp._once("writers", lambda: fp.write.nonzero().squeeze(1))
         if writers.numel():
             new_k, new_v = key[0, :, writers].transpose(0, 1), value[0, :, writers].transpose(0, 1)
@@ -123,9 +126,9 @@ def _decode(
         kept = fp._once("stashers", lambda: fp.stash.nonzero().squeeze(1))
         fp.stashed[layer] = (key[0, :, kept].transpose(0, 1), value[0, :, kept].transpose(0, 1))
     if fp.raw_only:
-        length = fp.length + 1
-        keys, values = cache.keys[layer][:, :, :length], cache.values[layer][:, :, :length]
-        queries, mask = query[0].transpose(0, 1)[:, :, None], fp.raw_mask(sliding_window)
+        first, mask = fp.raw_mask(sliding_window)
+        keys, values = cache.keys[layer][:, :, first : fp.length + 1], cache.values[layer][:, :, first : fp.length + 1]
+        queries = query[0].transpose(0, 1)[:, :, None]
         if fp.stream is None:
             out = _attend(queries, keys, values, mask, scaling, softcap)
         else:
@@ -144,7 +147,7 @@ def _attend(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     scaling: float,
     softcap: float | None,
     fused: bool = True,
@@ -153,7 +156,15 @@ def _attend(
     call when ``fused`` and the model does not soft-cap its logits, else the product written out with
     the query heads of each key head folded together (faster on a CPU for a few queries per row)."""
     if fused and softcap is None:
-        gqa = query.shape[1] > keys.shape[1]
+        rows, heads, width, dim = query.shape
+        kv_heads = keys.shape[1]
+        if width == 1 and heads > kv_heads and (mask is None or mask.shape[1] == 1):
+            # one query a row: the query heads of each key head as its queries, one plain call (as
+            # ``transformers``' SDPA does; 20% faster than ``enable_gqa`` at batch 16 on a CPU)
+            grouped = query.reshape(rows, kv_heads, heads // kv_heads, dim)
+            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
+            return out.view(rows, heads, 1, dim)
+        gqa = heads > kv_heads
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     scores = _masked_scores(query, keys, mask, scaling, softcap)
     return _weighted(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), values)
@@ -218,7 +229,7 @@ def _steered_attend(
 
 
 def _masked_scores(
-    query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scaling: float, softcap: float | None
+    query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None
 ) -> torch.Tensor:
     """Scores ``[N, heads, P, K]``, soft-capped, ``-inf`` where ``mask`` hides the key; the query heads of
     each key head folded together for one product (faster on a CPU for a few queries per row)."""
@@ -228,7 +239,7 @@ def _masked_scores(
     scores = torch.matmul(grouped, keys.transpose(2, 3)).view(rows, heads, width, -1) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    return scores + _additive(mask, scores.dtype)
+    return scores if mask is None else scores + _additive(mask, scores.dtype)
 
 
 def _weighted(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

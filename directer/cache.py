@@ -101,11 +101,22 @@ class KVCache:
         return self.span_keys[layer, scale], self.span_values[layer, scale]
 
     def write_tokens(
-        self, layer: int, rows: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+        self,
+        layer: int,
+        rows: torch.Tensor | None,
+        slots: torch.Tensor | int,
+        key: torch.Tensor,
+        value: torch.Tensor,
     ) -> None:
-        """One token per row: ``key``/``value`` ``[n, kv_heads, dim]`` into slot ``slots[i]`` of row ``rows[i]``."""
+        """One token per row: ``key``/``value`` ``[n, kv_heads, dim]`` into slot ``slots[i]`` (an int: the same
+        slot for all) of row ``rows[i]`` (``None``: every row, in order)."""
         keys, values = self._buffers(layer, key)
-        rows, slots = rows.to(keys.device), slots.to(keys.device)
+        if rows is None and isinstance(slots, int):
+            keys[:, :, slots] = key
+            values[:, :, slots] = value
+            return
+        rows = torch.arange(len(keys), device=keys.device) if rows is None else rows.to(keys.device)
+        slots = torch.as_tensor(slots, device=keys.device)
         keys[rows, :, slots] = key
         values[rows, :, slots] = value
 

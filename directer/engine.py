@@ -3,7 +3,8 @@ method (:mod:`directer.steering`).
 
 Every row runs the algorithm of the README's "How the engine works" independently:
 
-1. prefill all prompt tokens but the last; the last is the input of the first step;
+1. prefill all prompt tokens but the last; the last is the input of the first step (a method that
+   neither ranks nor keeps a steered stream prefills it too: the prefill's logits are that step's raw pass);
 2. each step: a *raw* pass appends the token's keys/values and gives the unsteered distribution;
    on the first step the layers are ranked once (one batched probe pass, :mod:`directer.ranking`)
    when the method needs an order; unless the method's gate skips the step, steered *trials* over
@@ -26,11 +27,12 @@ has a steered copy in the second half of the cache rows, and one pass per step r
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from directer.attention import engine_attention
@@ -44,6 +46,11 @@ from directer.sampling import uniforms
 from directer.telemetry import FinishReason, SteeringSummary, StepTelemetry
 
 KernelChoice = Literal["auto", "sdpa", "matmul"]
+
+# on a CPU, MKL multiplies 8-15 rows by a tall matrix like the output embedding more slowly than 16
+# (bundled model: 14.5 ms for 15 rows, 6.9 for 16; other sizes gain nothing; BENCHMARKS.md "Logit
+# rows"): logits of that many rows are computed as 16, the padding rows dropped
+PADDED_LOGIT_ROWS = range(8, 16)
 
 # most plausible tokens guessed as the next raw token in a settling pass: the emitted token was among
 # the first 3 in 98.5% of settled steps on IFEval (BENCHMARKS.md); beyond them, the next raw token
@@ -120,7 +127,7 @@ class Engine:
                 raise ValueError(f"request {index}: empty prompt")
             if any(not 0 <= p < len(request.prompt_ids) for p in request.span):
                 raise ValueError(f"request {index}: span positions must lie in [0, {len(request.prompt_ids)})")
-        with torch.inference_mode(), engine_attention(self.model):
+        with torch.inference_mode(), engine_attention(self.model), _padded_logit_rows(self.model):
             return _Decoding(self, requests, config, batch_size or len(requests)).run()
 
     def forward(
@@ -136,6 +143,28 @@ class Engine:
             directer_pass=fp,
         )
         return out.logits[0].float().to(self.device)
+
+
+@contextlib.contextmanager
+def _padded_logit_rows(model: PreTrainedModel) -> Iterator[None]:
+    """On a CPU, the output embedding computes :data:`PADDED_LOGIT_ROWS` rows as 16 for the duration."""
+    head = model.get_output_embeddings()
+    if model.device.type != "cpu" or not isinstance(head, torch.nn.Linear):
+        yield
+        return
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        rows = len(flat)
+        if rows in PADDED_LOGIT_ROWS:
+            flat = torch.cat([flat, flat.new_zeros(16 - rows, flat.shape[1])])
+        return F.linear(flat, head.weight, head.bias)[:rows].view(*hidden.shape[:-1], -1)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 class _Decoding:
@@ -191,7 +220,7 @@ class _Decoding:
         return ids, pad, span, state
 
     def run(self) -> list[Generation]:
-        self._prefill()
+        self._drop(self._prefill())
         while len(self.rows):
             if self.steerer.stream:
                 self._stream_pass()
@@ -199,30 +228,36 @@ class _Decoding:
                 self._pass()
         return self._results()
 
-    def _prefill(self, rows: torch.Tensor | None = None) -> None:
-        """All prompt tokens but the last of cache ``rows`` (default every row) into the cache, in one causal pass."""
-        cache = self.cache
-        if self.width > 1:
+    def _prefill(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompts of cache ``rows`` (default every row) into the cache, in one causal pass: all tokens
+        but the last, which is the input of the first step. A method that neither ranks layers nor keeps
+        a steered stream (zero-shot, static steering of every layer) needs nothing of that step's raw
+        pass but its logits, so its prefill takes the last token too and settles the raw step there (one
+        forward fewer per prompt). Returns ``[N]`` bool, the rows that are done after it."""
+        cache, steerer = self.cache, self.steerer
+        stream = steerer if steerer.stream else None
+        fold = steerer.ranking is None and stream is None
+        if self.width > 1 or fold:
             prompt, pad = (self.prompt, cache.pad) if rows is None else (self.prompt[rows], cache.pad[rows])
-            context = prompt[:, :-1]
+            context = prompt if fold else prompt[:, :-1]
             positions = (torch.arange(context.shape[1], device=context.device)[None] - pad[:, None]).clamp(min=0)
-            self.engine.model(
+            out = self.engine.model(
                 input_ids=context,
                 position_ids=positions,
                 use_cache=False,
                 logits_to_keep=1,
-                directer_pass=ForwardPass(
-                    cache,
-                    prefill=True,
-                    rows=rows,
-                    kernel=self.engine.kernel,
-                    stream=self.steerer if self.steerer.stream else None,
-                ),  # fmt: skip
+                directer_pass=ForwardPass(cache, prefill=True, rows=rows, kernel=self.engine.kernel, stream=stream),
             )
         if rows is None:
             cache.lengths += self.width - 1
         else:
             cache.lengths[rows] += self.width - 1
+        done = torch.zeros_like(self.rows.steerable)
+        if fold:
+            first = torch.arange(len(self.rows), device=done.device) if rows is None else rows
+            ends = self._raw_step(first, out.logits[:, -1].float().to(self.engine.device))
+            done = self._emit(ends.nonzero().squeeze(1))
+        return done
 
     def _pass(self) -> None:
         """One forward for every active row (see :func:`~directer.layout.plan_pass`), then each row's
@@ -284,15 +319,12 @@ class _Decoding:
     def _drop(self, done: torch.Tensor) -> None:
         """The rows that are ``done`` take the next waiting requests; once none waits, their cache rows
         (both streams' for a stream method) are freed."""
-        if not bool(done.any()):
-            return
-        finished = done.nonzero().squeeze(1)
-        taken = finished[: len(self.waiting)]
-        if taken.numel():
+        while bool(done.any()) and self.waiting:
+            taken = done.nonzero().squeeze(1)[: len(self.waiting)]
             indices, self.waiting = self.waiting[: len(taken)], self.waiting[len(taken) :]
-            self._admit(taken, indices)
             done = done.clone()
             done[taken] = False
+            done |= self._admit(taken, indices)  # a prefill that settles the first step may end a row
         if bool(done.any()):
             keep = (~done).nonzero().squeeze(1)
             self.cache.keep_rows(self._cache_rows(keep))
@@ -302,14 +334,15 @@ class _Decoding:
         """The cache rows of active ``rows``: for a stream method, also their steered copies."""
         return torch.cat([rows, rows + len(self.rows)]) if self.steerer.stream else rows
 
-    def _admit(self, rows: torch.Tensor, indices: list[int]) -> None:
-        """Active ``rows`` start over as requests ``indices``: their prompts are prefilled into those cache rows."""
+    def _admit(self, rows: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """Active ``rows`` start over as requests ``indices``: their prompts are prefilled into those cache
+        rows. Returns the rows that are done after the prefill (see :meth:`_prefill`)."""
         ids, pad, span, state = self._new_rows(indices)
         cache_rows = self._cache_rows(rows)
         self.cache.admit(cache_rows, pad.repeat(self.streams), span.repeat(self.streams, 1))
         self.prompt[cache_rows] = ids.repeat(self.streams, 1)
         self.rows.admit(rows, state)
-        self._prefill(cache_rows)
+        return self._prefill(cache_rows)
 
     def _settle_trials(
         self, plan: PassPlan, logits: torch.Tensor, ends: torch.Tensor

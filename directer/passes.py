@@ -179,16 +179,31 @@ class ForwardPass:
         span_slots, slots = self._pass_rows(self.cache.span_slots)[:, None, :], self._grid_slots()[:, :, None]
         return valid[:, None, :] & _readable(span_slots, pad[:, None, None], slots, sliding_window)
 
-    def raw_mask(self, sliding_window: int | None) -> torch.Tensor:
-        """``[N, 1, 1, length + 1]`` bool for :attr:`raw_only` passes: slots from the padding to the token's own."""
+    def raw_mask(self, sliding_window: int | None) -> tuple[int, torch.Tensor | None]:
+        """``(first, mask)`` for :attr:`raw_only` passes: the first slot any token reads, and ``[N, 1, 1,
+        length + 1 - first]`` bool over the slots from there (from the padding to the token's own);
+        ``None`` when every token reads them all (a batch of one). A stream method reads from slot 0."""
 
         def make():
             slot_ids = torch.arange(self.length + 1, device=self.slots.device)
             slots = self.slots[:, None]
             visible = _readable(slot_ids, self.cache.pad[:, None], slots, sliding_window) | (slot_ids == slots)
-            return visible[:, None, None, :]
+            first = 0 if self.stream is not None else int(visible.any(dim=0).int().argmax())
+            visible = visible[:, first:]
+            return first, None if self.stream is None and bool(visible.all()) else visible[:, None, None, :]
 
         return self._once(("raw_mask", sliding_window), make)
+
+    @property
+    def common_slot(self) -> int | None:
+        """The slot every token of a :attr:`raw_only` pass writes, when it is the same for all (rows in
+        step, as in zero-shot decoding): one strided copy instead of an indexed write."""
+
+        def make() -> int | None:
+            first = int(self.slots[0])
+            return first if self.raw_only and bool((self.slots == first).all()) else None
+
+        return self._once("common_slot", make)
 
     def stream_roles(self, num_heads: int) -> KeyRoles:
         """The steered stream's keys in a :attr:`raw_only` pass (slots up to the last one written)."""

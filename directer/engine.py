@@ -396,6 +396,11 @@ class _Decoding:
         state.out_prob[rows] = probs.gather(1, raw_token[:, None])[:, 0]
         state.trials[rows], state.layers[rows] = 0, 0
         steerable = state.steerable[rows]
+        ends = torch.zeros_like(state.steerable)
+        if not bool(steerable.any()):  # zero-shot, rows without a span: every step ends here
+            state.gate_skipped[rows] = False
+            ends[rows] = True
+            return ends
         # no steered token can be emitted when even the second-best raw token is not plausible
         first = state.emitted[rows] == 0
         gated = first.new_tensor([steerer.gated(False), steerer.gated(True)])[first.long()]
@@ -408,7 +413,6 @@ class _Decoding:
             plausible = steerer.plausible(top.values[need, :guesses], top.values[need, :1])
             state.plausible[rows[need]] = plausible.sum(dim=1)
             state.next_trial[rows[need]] = 0  # their next pass runs the trials
-        ends = torch.zeros_like(state.steerable)
         ends[rows[~need]] = True
         return ends
 

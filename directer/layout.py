@@ -47,6 +47,11 @@ def plan_pass(
     device = state.token.device
     num_layers = state.rank_of.shape[1]
     raw = state.next_trial < 0
+    if bool(raw.all()):  # every row starts a step (zero-shot, and most passes): one raw token each
+        slots = cache.lengths.clone()
+        fp = ForwardPass(cache, slots=slots, write=torch.ones_like(raw), kernel=kernel)
+        rows = torch.arange(len(raw), device=device)
+        return PassPlan(rows, rows[:0], None, None, None, rows, state.token.clone(), slots - cache.pad, fp)
     raw_rows, trial_rows = raw.nonzero().squeeze(1), (~raw).nonzero().squeeze(1)
     counts = torch.ones_like(state.token)
     chunk = guesses = sizes = steer = stash = None

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,40 +47,28 @@ class BenchResult:
 
 
 class PeakMemory:
-    """Peak resident memory while a block runs, sampled from /proc (the CPU allocator has no counter);
-    on CUDA, the allocator's own peak."""
+    """Peak resident memory while a block runs: on a CPU the kernel's own high-water mark (``VmHWM``,
+    restarted through ``/proc/self/clear_refs``; sampling ``/proc`` from a thread every 2 ms instead slowed
+    the engine at batch size 1 by 6%); on CUDA, the allocator's peak."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        self.peak = self._rss()
-
-        def sample() -> None:
-            while not self._stop.wait(0.002):
-                self.peak = max(self.peak, self._rss())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device)
             return
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
+        with open("/proc/self/status") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        self.peak = kib * 1024
 
 
 def measure(device: torch.device, run: Callable[[], int]) -> Measurement:

@@ -147,9 +147,10 @@ class Engine:
 
 @contextlib.contextmanager
 def _padded_logit_rows(model: PreTrainedModel) -> Iterator[None]:
-    """On a CPU, the output embedding computes :data:`PADDED_LOGIT_ROWS` rows as 16 for the duration."""
+    """On a CPU, the output embedding computes :data:`PADDED_LOGIT_ROWS` rows as 16 for the duration (a
+    plain ``nn.Linear`` only: a quantised head or one whose ``forward`` a library hooked keeps its own)."""
     head = model.get_output_embeddings()
-    if model.device.type != "cpu" or not isinstance(head, torch.nn.Linear):
+    if model.device.type != "cpu" or type(head) is not torch.nn.Linear or "forward" in vars(head):
         yield
         return
 

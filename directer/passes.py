@@ -73,6 +73,7 @@ class ForwardPass:
             decided = {"raw_only": self.raw_only, "steered": self._steered()}
             if self.slots is not None:  # a decoding pass (a prefill reads no cached slots)
                 decided["length"] = self.length
+                decided["common_slot"] = self.common_slot
             return replace(self, cache=self.cache.on(device), _memo=decided, **tensors)
 
         return self._once(("on", device), make)
@@ -200,8 +201,10 @@ class ForwardPass:
         step, as in zero-shot decoding): one strided copy instead of an indexed write."""
 
         def make() -> int | None:
+            if not self.raw_only:
+                return None
             first = int(self.slots[0])
-            return first if self.raw_only and bool((self.slots == first).all()) else None
+            return first if bool((self.slots == first).all()) else None
 
         return self._once("common_slot", make)
 

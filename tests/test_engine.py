@@ -9,7 +9,7 @@ import torch
 from conftest import ARCHITECTURES, tiny_model
 
 from directer.config import SteeringConfig
-from directer.engine import Engine, Request
+from directer.engine import Engine, Request, _padded_logit_rows
 from directer.reference import reference_generate
 from directer.steering import STEERERS, trial_sizes
 
@@ -272,3 +272,33 @@ def test_continuous_batching_gives_each_row_its_tokens_alone(architecture, metho
         assert generation.ranking == alone.ranking
         steps = [(s.raw_token, s.gate_skipped, s.trials, s.layers, s.token) for s in generation.telemetry]
         assert steps == [(s.raw_token, s.gate_skipped, s.trials, s.layers, s.token) for s in alone.telemetry]
+
+
+def test_cpu_logits_of_8_to_15_rows_are_computed_as_16_and_the_head_is_restored():
+    model = tiny_model("llama")
+    head = model.get_output_embeddings()
+    calls: list[int] = []
+    handle = torch.nn.functional.linear
+
+    def counting(x, weight, bias=None):
+        calls.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return handle(x, weight, bias)
+
+    hidden = torch.randn(1, 11, head.in_features)
+    torch.nn.functional.linear = counting
+    try:
+        with _padded_logit_rows(model):
+            padded = head(hidden)
+            head(hidden[:, :4])  # outside the band: as is
+    finally:
+        torch.nn.functional.linear = handle
+    assert calls == [16, 4]
+    assert padded.shape == (1, 11, head.out_features)
+    torch.testing.assert_close(padded, handle(hidden, head.weight, head.bias))
+    assert "forward" not in vars(head)
+    # a head whose forward a library replaced (offloading hooks) keeps it
+    hooked = lambda x: handle(x, head.weight)  # noqa: E731
+    head.forward = hooked
+    with _padded_logit_rows(model):
+        assert head.forward is hooked
+    assert head.forward is hooked

@@ -117,15 +117,6 @@ def _decode(
     if fp.raw_only:  # every token writes: token i is row i's
         slots = fp.slots if fp.common_slot is None else fp.common_slot
         cache.write_tokens(layer, None, slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
-    elif fp.write is not None:
-        writers = fp._once("writers", lambda: fp.write.nonzero().squeeze(1))
-        if writers.numel():
-            new_k, new_v = key[0, :, writers].transpose(0, 1), value[0, :, writers].transpose(0, 1)
-            cache.write_tokens(layer, fp.row_of_token()[writers], fp.slots[writers], new_k, new_v)
-    if fp.stash is not None:
-        kept = fp._once("stashers", lambda: fp.stash.nonzero().squeeze(1))
-        fp.stashed[layer] = (key[0, :, kept].transpose(0, 1), value[0, :, kept].transpose(0, 1))
-    if fp.raw_only:
         first, mask = fp.raw_mask(sliding_window)
         keys, values = cache.keys[layer][:, :, first : fp.length + 1], cache.values[layer][:, :, first : fp.length + 1]
         queries = query[0].transpose(0, 1)[:, :, None]
@@ -135,6 +126,14 @@ def _decode(
             roles = fp.stream_roles(query.shape[1])
             out = _both_streams(fp, layer, roles, queries, keys, values, mask, scaling, softcap)
         return out.transpose(1, 2).reshape(1, -1, query.shape[1], query.shape[3])
+    if fp.write is not None:
+        writers = fp._once("writers", lambda: fp.write.nonzero().squeeze(1))
+        if writers.numel():
+            new_k, new_v = key[0, :, writers].transpose(0, 1), value[0, :, writers].transpose(0, 1)
+            cache.write_tokens(layer, fp.row_of_token()[writers], fp.slots[writers], new_k, new_v)
+    if fp.stash is not None:
+        kept = fp._once("stashers", lambda: fp.stash.nonzero().squeeze(1))
+        fp.stashed[layer] = (key[0, :, kept].transpose(0, 1), value[0, :, kept].transpose(0, 1))
     own_key, own_value = _to_grid(fp, key), _to_grid(fp, value)
     scale = fp.key_scale if fp.steers(layer) else None
     keys, values = cache.with_scratch(layer, fp.rows, fp.length + 1, own_key, own_value, scale)

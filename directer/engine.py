@@ -158,7 +158,7 @@ def _padded_logit_rows(model: PreTrainedModel) -> Iterator[None]:
         flat = hidden.reshape(-1, hidden.shape[-1])
         rows = len(flat)
         if rows in PADDED_LOGIT_ROWS:
-            flat = torch.cat([flat, flat.new_zeros(16 - rows, flat.shape[1])])
+            flat = torch.cat([flat, flat.new_zeros(PADDED_LOGIT_ROWS.stop - rows, flat.shape[1])])
         return F.linear(flat, head.weight, head.bias)[:rows].view(*hidden.shape[:-1], -1)
 
     head.forward = forward

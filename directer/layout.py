@@ -51,7 +51,10 @@ def plan_pass(
         slots = cache.lengths.clone()
         fp = ForwardPass(cache, slots=slots, write=torch.ones_like(raw), kernel=kernel)
         rows = torch.arange(len(raw), device=device)
-        return PassPlan(rows, rows[:0], None, None, None, rows, state.token.clone(), slots - cache.pad, fp)
+        return PassPlan(
+            raw_rows=rows, trial_rows=rows[:0], chunk=None, guesses=None, sizes=None, starts=rows,
+            tokens=state.token.clone(), positions=slots - cache.pad, fp=fp,
+        )  # fmt: skip
     raw_rows, trial_rows = raw.nonzero().squeeze(1), (~raw).nonzero().squeeze(1)
     counts = torch.ones_like(state.token)
     chunk = guesses = sizes = steer = stash = None

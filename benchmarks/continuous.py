@@ -2,8 +2,9 @@
 
 IFEval's prompts (gold spans) in order of length, ``--batch-size`` rows at a time: *static*, each
 batch decoded to its last row (the batch shrinks as rows finish); *continuous*, one call in which
-a finished row's place is taken by the next prompt. Prints forwards (decoding passes and prefills),
-packed tokens per decoding pass, wall time and the ratio, and how many prompts get exactly the tokens
+a finished row's place is taken by the next prompt, whose prefill joins the next decoding pass.
+Prints forwards (decoding passes and probe passes), the passes that carried prefills, packed tokens
+per decoding pass (prompt tokens included), wall time and the ratio, and how many prompts get exactly the tokens
 they get alone (fp32 on a CPU rounds a product by its shape, and a row padded to a longer prompt can
 flip a near tie: :mod:`benchmarks.determinism`).
 
@@ -26,7 +27,7 @@ from directer.ifeval import load_ifeval
 
 def run(steerer: Directer, requests: list[Request], config: SteeringConfig, size: int, continuous: bool) -> dict:
     engine = steerer.engine
-    counts = {"passes": 0, "tokens": 0, "prefills": 0, "probe_passes": 0}
+    counts = {"passes": 0, "tokens": 0, "passes_with_prefills": 0, "probe_passes": 0}
     forward = engine.forward
 
     def counted(tokens, positions, fp, logits=True):
@@ -38,7 +39,7 @@ def run(steerer: Directer, requests: list[Request], config: SteeringConfig, size
         return forward(tokens, positions, fp, logits)
 
     def count_prefill(module, args, kwargs):
-        counts["prefills"] += bool(kwargs["directer_pass"].prefill)
+        counts["passes_with_prefills"] += kwargs["directer_pass"].joined is not None
 
     engine.forward = counted
     hook = steerer.loaded.model.register_forward_pre_hook(count_prefill, with_kwargs=True)
@@ -54,9 +55,9 @@ def run(steerer: Directer, requests: list[Request], config: SteeringConfig, size
         hook.remove()
     return {
         "seconds": time.perf_counter() - started,
-        "forwards": counts["passes"] + counts["prefills"] + counts["probe_passes"],
+        "forwards": counts["passes"] + counts["probe_passes"],
         "decoding_passes": counts["passes"],
-        "prefills": counts["prefills"],
+        "passes_with_prefills": counts["passes_with_prefills"],
         "probe_passes": counts["probe_passes"],
         "tokens_per_pass": counts["tokens"] / counts["passes"],
         "generated": sum(len(g.token_ids) for g in generations),

@@ -51,9 +51,21 @@ def directer_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     layer = module.layer_idx
-    if directer_pass.prefill:
-        return _prefill(directer_pass, layer, query, key, value, scaling, sliding_window, softcap), None
-    return _decode(directer_pass, layer, query, key, value, scaling, sliding_window, softcap), None
+    joined = directer_pass.joined
+    if joined is None:
+        return _decode(directer_pass, layer, query, key, value, scaling, sliding_window, softcap), None
+    # new rows' prompts first: their keys and values must be in the cache before their first raw tokens attend
+    split, width = directer_pass.joined_tokens, joined.variants
+
+    def prompts(x: torch.Tensor) -> torch.Tensor:  # packed [1, heads, R * width, dim] -> [R, heads, width, dim]
+        return x[0, :, :split].unflatten(1, (-1, width)).transpose(0, 1)
+
+    prefilled = _prefill(joined, layer, prompts(query), prompts(key), prompts(value), scaling, sliding_window, softcap)
+    decoded = _decode(
+        directer_pass, layer, query[:, :, split:], key[:, :, split:], value[:, :, split:], scaling, sliding_window,
+        softcap,
+    )  # fmt: skip
+    return torch.cat([prefilled.flatten(0, 1)[None], decoded], dim=1), None
 
 
 def _prefill(
@@ -66,11 +78,12 @@ def _prefill(
     sliding_window: int | None,
     softcap: float | None,
 ) -> torch.Tensor:
-    """Causal attention over the (left-padded) prompt, writing its keys and values to the cache."""
-    fp.cache.write_prompt(layer, key, value, fp.rows)
+    """Causal attention over the (left-padded) prompts of the pass rows, ``[R, heads, width, dim]``,
+    writing their keys and values to the cache. Returns ``[R, width, heads, dim]``."""
+    fp.cache.write_prompt(layer, key, value, fp.rows, fp.first_slot)
     pad = fp._pass_rows(fp.cache.pad)
     length = query.shape[2]
-    slots = torch.arange(length, device=query.device)
+    slots = torch.arange(fp.first_slot, fp.first_slot + length, device=query.device)
     allowed = slots[None, :] <= slots[:, None]
     if sliding_window is not None:
         allowed = allowed & (slots[:, None] - slots[None, :] < sliding_window)
@@ -82,9 +95,9 @@ def _prefill(
     else:
         half = len(query) // 2
         real = slots[None, :] >= pad[half:, None]
-        roles = KeyRoles(fp._pass_rows(fp.cache.span)[half:, :length], real, real, query.shape[1])
+        roles = KeyRoles(fp._pass_rows(fp.cache.span)[half:, slots], real, real, query.shape[1])
         out = _both_streams(fp, layer, roles, query, key, value, allowed, scaling, softcap)
-    return out.transpose(1, 2).contiguous()
+    return out.transpose(1, 2)
 
 
 def _to_grid(fp: ForwardPass, x: torch.Tensor) -> torch.Tensor:

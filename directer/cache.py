@@ -79,17 +79,13 @@ class KVCache:
         return self.keys[layer], self.values[layer]
 
     def write_prompt(
-        self, layer: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor | None = None
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor, first_slot: int = 0
     ) -> None:
-        """``key``/``value`` ``[N, kv_heads, T, dim]`` into slots ``0..T-1`` of ``rows`` (default every row)."""
+        """``key``/``value`` ``[N, kv_heads, T, dim]`` into slots ``first_slot..first_slot+T-1`` of ``rows``."""
         keys, values = self._buffers(layer, key)
-        if rows is None:
-            keys[:, :, : key.shape[2]] = key
-            values[:, :, : key.shape[2]] = value
-        else:
-            rows = rows.to(keys.device)
-            keys[rows, :, : key.shape[2]] = key
-            values[rows, :, : key.shape[2]] = value
+        rows, end = rows.to(keys.device), first_slot + key.shape[2]
+        keys[rows, :, first_slot:end] = key
+        values[rows, :, first_slot:end] = value
 
     def scaled_span(self, layer: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The instruction keys of every row times ``scale``, and their values (kept once made)."""

@@ -3,15 +3,15 @@ method (:mod:`directer.steering`).
 
 Every row runs the algorithm of the README's "How the engine works" independently:
 
-1. prefill all prompt tokens but the last; the last is the input of the first step (a method that
-   neither ranks nor keeps a steered stream prefills it too: the prefill's logits are that step's raw pass);
+1. prefill all prompt tokens but the last, joined to the forward of the row's first pass; the last is
+   the input of the first step, in that pass;
 2. each step: a *raw* pass appends the token's keys/values and gives the unsteered distribution;
    on the first step the layers are ranked once (one batched probe pass, :mod:`directer.ranking`)
    when the method needs an order; unless the method's gate skips the step, steered *trials* over
    the method's layer sets follow, until one emits a token the unsteered model finds plausible or
    the unsteered token is emitted (fallback);
 3. stop at any end-of-sequence id or at ``max_new_tokens``; the row's cache row then takes the next
-   waiting request, whose prompt is prefilled there (continuous batching), until none waits.
+   waiting request (continuous batching), whose prompt joins the next pass, until none waits.
 
 Trials read the cache as it was before the raw pass and never write to it. Rows advance
 independently: each forward is one packed pass (:mod:`directer.layout`) in which every row brings
@@ -133,13 +133,14 @@ class Engine:
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, fp: ForwardPass, logits: bool = True
     ) -> torch.Tensor:
-        """Logits ``[T, vocab]`` (float32) of the packed tokens ``[T]`` at ``positions [T]`` (with
+        """Logits ``[T, vocab]`` (float32) of the packed tokens ``[T]`` at ``positions [T]``, but for the
+        prompt tokens of a joined prefill (``fp.joined``, packed first), which need none (with
         ``logits=False`` only the last token's: the ranking probes need hidden states only)."""
         out = self.model(
             input_ids=tokens[None],
             position_ids=positions[None],
             use_cache=False,
-            logits_to_keep=0 if logits else 1,
+            logits_to_keep=len(tokens) - fp.joined_tokens if logits else 1,
             directer_pass=fp,
         )
         return out.logits[0].float().to(self.device)
@@ -168,11 +169,22 @@ def _padded_logit_rows(model: PreTrainedModel) -> Iterator[None]:
         del head.forward
 
 
+@dataclass
+class _Prompts:
+    """Prompts waiting to be prefilled: active ``rows`` and their left-padded ids ``[R, width]`` for the
+    slots from ``first_slot`` on (every row's padding before it, the last prompt token after it)."""
+
+    rows: torch.Tensor
+    ids: torch.Tensor
+    first_slot: int
+
+
 class _Decoding:
     """The rows being decoded: the cache, each row's state, and the passes that move them on. Rows
-    advance independently. A row that finishes hands its cache row to the next waiting request, whose
-    prompt is prefilled there (continuous batching: the batch keeps its size until the input runs
-    out); then the batch shrinks as rows finish."""
+    advance independently. New rows' prompts are prefilled in the forward of their first pass (their
+    first raw tokens read them there). A row that finishes hands its cache row to the next waiting
+    request (continuous batching: the batch keeps its size until the input runs out); then the batch
+    shrinks as rows finish."""
 
     def __init__(self, engine: Engine, requests: Sequence[Request], config: SteeringConfig, slots: int) -> None:
         self.engine, self.requests, self.config = engine, requests, config
@@ -195,7 +207,8 @@ class _Decoding:
             0 if self.steerer.stream else tokens_per_row, prompt_end=self.width,
             span_width=max(len(set(r.span)) for r in requests),
         )  # fmt: skip
-        self.prompt = ids.repeat(self.streams, 1)
+        self.prompts: _Prompts | None = None
+        self._wait_for_prefill(torch.arange(len(first), device=engine.device), ids, pad)
 
     def _new_rows(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RowState]:
         """Requests ``indices`` laid out for the cache: prompt ids ``[n, width]``, left padding, instruction
@@ -221,7 +234,6 @@ class _Decoding:
         return ids, pad, span, state
 
     def run(self) -> list[Generation]:
-        self._drop(self._prefill())
         while len(self.rows):
             if self.steerer.stream:
                 self._stream_pass()
@@ -229,36 +241,31 @@ class _Decoding:
                 self._pass()
         return self._results()
 
-    def _prefill(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The prompts of cache ``rows`` (default every row) into the cache, in one causal pass: all tokens
-        but the last, which is the input of the first step. A method that neither ranks layers nor keeps
-        a steered stream (zero-shot, static steering of every layer) needs nothing of that step's raw
-        pass but its logits, so its prefill takes the last token too and settles the raw step there (one
-        forward fewer per prompt). Returns ``[N]`` bool, the rows that are done after it."""
-        cache, steerer = self.cache, self.steerer
-        stream = steerer if steerer.stream else None
-        fold = steerer.ranking is None and stream is None
-        if self.width > 1 or fold:
-            prompt, pad = (self.prompt, cache.pad) if rows is None else (self.prompt[rows], cache.pad[rows])
-            context = prompt if fold else prompt[:, :-1]
-            positions = (torch.arange(context.shape[1], device=context.device)[None] - pad[:, None]).clamp(min=0)
-            out = self.engine.model(
-                input_ids=context,
-                position_ids=positions,
-                use_cache=False,
-                logits_to_keep=1,
-                directer_pass=ForwardPass(cache, prefill=True, rows=rows, kernel=self.engine.kernel, stream=stream),
-            )
-        if rows is None:
-            cache.lengths += self.width - 1
-        else:
-            cache.lengths[rows] += self.width - 1
-        done = torch.zeros_like(self.rows.steerable)
-        if fold:
-            first = torch.arange(len(self.rows), device=done.device) if rows is None else rows
-            ends = self._raw_step(first, out.logits[:, -1].float().to(self.engine.device))
-            done = self._emit(ends.nonzero().squeeze(1))
-        return done
+    def _wait_for_prefill(self, rows: torch.Tensor, ids: torch.Tensor, pad: torch.Tensor) -> None:
+        """Active ``rows`` (prompt ids ``[R, width]``, left padding ``pad``) are new: their prompts but the
+        last token join the next pass (:meth:`_join_prompts`), which their first raw tokens also run in."""
+        self.cache.lengths[self._cache_rows(rows)] = self.width - 1
+        first_slot = int(pad.min())  # the slots before it are every new row's padding: nothing to compute
+        if first_slot < self.width - 1:
+            self.prompts = _Prompts(rows, ids[:, first_slot:-1], first_slot)
+
+    def _join_prompts(
+        self, tokens: torch.Tensor, positions: torch.Tensor, fp: ForwardPass
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed input of a decoding pass with the waiting prompts joined to it (packed first, as
+        ``fp.joined``; :meth:`Engine.forward` computes no logits for them)."""
+        prompts, self.prompts = self.prompts, None
+        if prompts is not None:
+            cache_rows = self._cache_rows(prompts.rows)
+            ids = prompts.ids.repeat(self.streams, 1)
+            slots = torch.arange(prompts.first_slot, prompts.first_slot + ids.shape[1], device=ids.device)
+            fp.joined = ForwardPass(
+                self.cache, prefill=True, rows=cache_rows, variants=ids.shape[1], first_slot=prompts.first_slot,
+                kernel=fp.kernel, stream=fp.stream,
+            )  # fmt: skip
+            tokens = torch.cat([ids.flatten(), tokens])
+            positions = torch.cat([(slots[None] - self.cache.pad[cache_rows, None]).clamp(min=0).flatten(), positions])
+        return tokens, positions
 
     def _pass(self) -> None:
         """One forward for every active row (see :func:`~directer.layout.plan_pass`), then each row's
@@ -267,13 +274,16 @@ class _Decoding:
         plan = plan_pass(
             self.rows, self.cache, self.layer_sets, self.config.trial_schedule, steerer.key_scale, engine.kernel
         )
+        tokens, positions = self._join_prompts(plan.tokens, plan.positions, plan.fp)
         probe_rows = self._rows_to_rank(plan.raw_rows)
-        capture = AttentionCapture()
-        with capture.recording(engine.model) if probe_rows is not None else contextlib.nullcontext():
-            logits = engine.forward(plan.tokens, plan.positions, plan.fp)
-        ends = self._raw_step(plan.raw_rows, logits[plan.starts[plan.raw_rows]])
+        capture = None  # rows to rank: their raw tokens' hidden states at every attention block
         if probe_rows is not None:
-            self._rank(probe_rows, plan.starts[probe_rows], capture)
+            capture = AttentionCapture(tokens=plan.starts[probe_rows] + plan.fp.joined_tokens)
+        with contextlib.nullcontext() if capture is None else capture.recording(engine.model):
+            logits = engine.forward(tokens, positions, plan.fp)
+        ends = self._raw_step(plan.raw_rows, logits[plan.starts[plan.raw_rows]])
+        if capture is not None:
+            self._rank(probe_rows, capture)
         confirmed = guessed = None
         if plan.chunk is not None:
             confirmed, guessed = self._settle_trials(plan, logits, ends)
@@ -300,7 +310,7 @@ class _Decoding:
         fp = ForwardPass(
             cache, slots=cache.lengths.clone(), write=write, kernel=self.engine.kernel, stream=self.steerer
         )
-        logits = self.engine.forward(tokens, cache.lengths - cache.pad, fp)
+        logits = self.engine.forward(*self._join_prompts(tokens, cache.lengths - cache.pad, fp), fp)
         cache.lengths += 1
         probs = torch.softmax(logits[:count], dim=-1)
         top = probs.topk(2, dim=-1)
@@ -320,30 +330,29 @@ class _Decoding:
     def _drop(self, done: torch.Tensor) -> None:
         """The rows that are ``done`` take the next waiting requests; once none waits, their cache rows
         (both streams' for a stream method) are freed."""
-        while bool(done.any()) and self.waiting:
+        if not bool(done.any()):
+            return
+        if self.waiting:
             taken = done.nonzero().squeeze(1)[: len(self.waiting)]
             indices, self.waiting = self.waiting[: len(taken)], self.waiting[len(taken) :]
+            self._admit(taken, indices)
             done = done.clone()
             done[taken] = False
-            done |= self._admit(taken, indices)  # a prefill that settles the first step may end a row
         if bool(done.any()):
             keep = (~done).nonzero().squeeze(1)
             self.cache.keep_rows(self._cache_rows(keep))
-            self.rows.keep(keep)
+            self.rows.keep(keep)  # rows just admitted are the first done ones: their numbers stay
 
     def _cache_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The cache rows of active ``rows``: for a stream method, also their steered copies."""
         return torch.cat([rows, rows + len(self.rows)]) if self.steerer.stream else rows
 
-    def _admit(self, rows: torch.Tensor, indices: list[int]) -> torch.Tensor:
-        """Active ``rows`` start over as requests ``indices``: their prompts are prefilled into those cache
-        rows. Returns the rows that are done after the prefill (see :meth:`_prefill`)."""
+    def _admit(self, rows: torch.Tensor, indices: list[int]) -> None:
+        """Active ``rows`` start over as requests ``indices``; their prompts join the next pass."""
         ids, pad, span, state = self._new_rows(indices)
-        cache_rows = self._cache_rows(rows)
-        self.cache.admit(cache_rows, pad.repeat(self.streams), span.repeat(self.streams, 1))
-        self.prompt[cache_rows] = ids.repeat(self.streams, 1)
+        self.cache.admit(self._cache_rows(rows), pad.repeat(self.streams), span.repeat(self.streams, 1))
         self.rows.admit(rows, state)
-        return self._prefill(cache_rows)
+        self._wait_for_prefill(rows, ids, pad)
 
     def _settle_trials(
         self, plan: PassPlan, logits: torch.Tensor, ends: torch.Tensor
@@ -453,11 +462,11 @@ class _Decoding:
         ]
         return torch.tensor(missing, dtype=torch.long, device=self.engine.device) if missing else None
 
-    def _rank(self, rows: torch.Tensor, packed: torch.Tensor, raw: AttentionCapture) -> None:
-        """Rank the layers of ``rows`` from their raw pass (``packed``: their tokens' indices in it)."""
+    def _rank(self, rows: torch.Tensor, raw: AttentionCapture) -> None:
+        """Rank the layers of ``rows`` from their raw pass (``raw``: its record of their tokens)."""
         engine = self.engine
         order = probe_rankings(
-            engine.forward, engine.model, self.cache, rows, packed, self.rows.token[rows], raw,
+            engine.forward, engine.model, self.cache, rows, self.rows.token[rows], raw,
             self.steerer.key_scale, self.steerer.ranking, engine.kernel,
         )  # fmt: skip
         self.rows.rank_of[rows] = torch.argsort(order, dim=-1)

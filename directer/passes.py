@@ -26,8 +26,10 @@ Kernel = Literal["sdpa", "matmul"]
 class ForwardPass:
     """What one forward asks of attention.
 
+    prefill: the pass prefills prompts: each row's ``variants`` tokens, causal, at slots ``first_slot`` on.
     rows: cache row of each pass row (``None``: every cache row, in order).
     variants: tokens of each pass row in the packed input (an int when all rows have as many).
+    first_slot: a prefill: the slot of its first token (the slots before are every row's padding).
     slots: ``[T]`` slot of each packed token: it attends to its row's slots before it, and its own key.
     write: ``[T]`` bool, the raw tokens, which store their key and value at their slot.
     stash: ``[T]`` bool, tokens whose keys and values are kept aside in ``stashed`` (per layer,
@@ -40,12 +42,16 @@ class ForwardPass:
         window may hide them all; then steering that layer changes nothing).
     stream: a stream method's steerer: the second half of the cache rows is the steered stream of the
         first, and its attention scores get the steerer's :meth:`~directer.steering.Steerer.score_bias`.
+    joined: a prefill run in the same forward (new rows' prompts: continuous batching), its tokens packed
+        before this pass's; each layer writes their keys and values before this pass's tokens attend,
+        so a new row's first raw token, in this pass, reads its prompt.
     """
 
     cache: KVCache
     prefill: bool = False
     rows: torch.Tensor | None = None
     variants: int | torch.Tensor = 1
+    first_slot: int = 0
     slots: torch.Tensor | None = None
     write: torch.Tensor | None = None
     stash: torch.Tensor | None = None
@@ -53,6 +59,7 @@ class ForwardPass:
     key_scale: float = 1.0
     kernel: Kernel = "sdpa"
     stream: Steerer | None = None
+    joined: ForwardPass | None = None
     stashed: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     reaches: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _memo: dict[object, object] = field(default_factory=dict, repr=False)
@@ -69,6 +76,8 @@ class ForwardPass:
 
             names = ("rows", "variants", "slots", "write", "stash", "steer")
             tensors = {name: move(getattr(self, name)) for name in names}
+            if self.joined is not None:
+                tensors["joined"] = self.joined.on(device)
             # what the pass's host-side decisions read, read once (no device sync per layer)
             decided = {"raw_only": self.raw_only, "steered": self._steered()}
             if self.slots is not None:  # a decoding pass (a prefill reads no cached slots)
@@ -82,6 +91,11 @@ class ForwardPass:
         if key not in self._memo:
             self._memo[key] = make()
         return self._memo[key]
+
+    @property
+    def joined_tokens(self) -> int:
+        """Tokens of the :attr:`joined` prefill, at the start of the packed input."""
+        return 0 if self.joined is None else len(self.joined.rows) * self.joined.variants
 
     @property
     def length(self) -> int:

@@ -260,7 +260,7 @@ class _Decoding:
             ids = prompts.ids.repeat(self.streams, 1)
             slots = torch.arange(prompts.first_slot, prompts.first_slot + ids.shape[1], device=ids.device)
             fp.joined = ForwardPass(
-                self.cache, prefill=True, rows=cache_rows, variants=ids.shape[1], first_slot=prompts.first_slot,
+                self.cache, rows=cache_rows, variants=ids.shape[1], first_slot=prompts.first_slot,
                 kernel=fp.kernel, stream=fp.stream,
             )  # fmt: skip
             tokens = torch.cat([ids.flatten(), tokens])

@@ -26,10 +26,9 @@ Kernel = Literal["sdpa", "matmul"]
 class ForwardPass:
     """What one forward asks of attention.
 
-    prefill: the pass prefills prompts: each row's ``variants`` tokens, causal, at slots ``first_slot`` on.
     rows: cache row of each pass row (``None``: every cache row, in order).
     variants: tokens of each pass row in the packed input (an int when all rows have as many).
-    first_slot: a prefill: the slot of its first token (the slots before are every row's padding).
+    first_slot: a :attr:`joined` prefill's first slot (the slots before it are every row's padding).
     slots: ``[T]`` slot of each packed token: it attends to its row's slots before it, and its own key.
     write: ``[T]`` bool, the raw tokens, which store their key and value at their slot.
     stash: ``[T]`` bool, tokens whose keys and values are kept aside in ``stashed`` (per layer,
@@ -42,13 +41,13 @@ class ForwardPass:
         window may hide them all; then steering that layer changes nothing).
     stream: a stream method's steerer: the second half of the cache rows is the steered stream of the
         first, and its attention scores get the steerer's :meth:`~directer.steering.Steerer.score_bias`.
-    joined: a prefill run in the same forward (new rows' prompts: continuous batching), its tokens packed
-        before this pass's; each layer writes their keys and values before this pass's tokens attend,
-        so a new row's first raw token, in this pass, reads its prompt.
+    joined: a prefill run in the same forward: new rows' prompts, each row's ``variants`` tokens from
+        slot ``first_slot`` on, causal, packed before this pass's tokens; each layer writes their keys
+        and values before this pass's tokens attend, so a new row's first raw token, in this pass,
+        reads its prompt.
     """
 
     cache: KVCache
-    prefill: bool = False
     rows: torch.Tensor | None = None
     variants: int | torch.Tensor = 1
     first_slot: int = 0

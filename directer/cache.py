@@ -79,7 +79,7 @@ class KVCache:
         return self.keys[layer], self.values[layer]
 
     def write_prompt(
-        self, layer: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor, first_slot: int = 0
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor, first_slot: int
     ) -> None:
         """``key``/``value`` ``[N, kv_heads, T, dim]`` into slots ``first_slot..first_slot+T-1`` of ``rows``."""
         keys, values = self._buffers(layer, key)

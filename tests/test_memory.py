@@ -43,7 +43,7 @@ def test_the_plans_buffers_are_what_the_engine_allocates(smollm2, monkeypatch, m
     monkeypatch.setattr(KVCache, "scaled_span", spy)
     write_prompt = KVCache.write_prompt
 
-    def spy_prompt(cache, layer, key, value, rows, first_slot=0):
+    def spy_prompt(cache, layer, key, value, rows, first_slot):
         write_prompt(cache, layer, key, value, rows, first_slot)
         held = sum(t.numel() * t.element_size() for store in (cache.keys, cache.values) for t in store.values())
         largest["bytes"] = max(largest["bytes"], held)

@@ -53,12 +53,14 @@ def test_a_pass_seen_from_another_device_has_its_masks_and_rows_there():
     steer = torch.zeros(rows, 2, layers, dtype=torch.bool)
     steer[:, 0, :2] = True
     fp = ForwardPass(cache, variants=2, slots=torch.tensor([5, 6, 5, 6]), steer=steer, key_scale=4.0)
+    fp.joined = ForwardPass(cache, rows=torch.tensor([1]), variants=3, first_slot=2)  # a new row's prompt
     meta = torch.device("meta")
     seen = fp.on(meta)
     assert seen is fp.on(meta)  # made once per device and pass
     assert fp.on(torch.device("cpu")) is fp
     assert seen.cache.pad.device == meta and seen.cache.span_slots.device == meta
     assert seen.slots.device == meta and seen.steer.device == meta
+    assert seen.joined.rows.device == meta and seen.joined.cache.pad.device == meta and seen.joined_tokens == 3
     assert seen.cache.keys is cache.keys and seen.stashed is fp.stashed and seen.reaches is fp.reaches
     assert seen.mask(0, None).device == meta and seen.mask(0, None).shape == fp.mask(0, None).shape
     assert cache.pad.device == torch.device("cpu")

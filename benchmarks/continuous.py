@@ -4,9 +4,9 @@ IFEval's prompts (gold spans) in order of length, ``--batch-size`` rows at a tim
 batch decoded to its last row (the batch shrinks as rows finish); *continuous*, one call in which
 a finished row's place is taken by the next prompt, whose prefill joins the next decoding pass.
 Prints forwards (decoding passes and probe passes), the passes that carried prefills, packed tokens
-per decoding pass (prompt tokens included), wall time and the ratio, and how many prompts get exactly the tokens
-they get alone (fp32 on a CPU rounds a product by its shape, and a row padded to a longer prompt can
-flip a near tie: :mod:`benchmarks.determinism`).
+per decoding pass (prompt tokens included), wall time and the ratio, and how many prompts get
+exactly the tokens they get alone (fp32 on a CPU rounds a product by its shape, and a row padded to
+a longer prompt can flip a near tie: :mod:`benchmarks.determinism`).
 
     .venv/bin/python benchmarks/continuous.py --prompts 64 --batch-size 16 --max-new-tokens 64
 """

@@ -65,7 +65,8 @@ class AttentionCapture:
         modules = attention_modules(model)
         self.pre = [None] * len(modules)
         self.post = [None] * len(modules)
-        self._devices = [next(module.parameters()).device for module in modules]
+        if self.tokens is not None:  # where each layer's kept tokens go (a model split over devices)
+            self._devices = [next(module.parameters()).device for module in modules]
         handles = []
         for index, module in enumerate(modules):
             handles.append(module.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True))

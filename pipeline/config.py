@@ -76,7 +76,8 @@ class GenerateConfig:
     def rows_per_call(self) -> int:
         """Rows Ray Data hands an actor per call. A GPU actor gets four batches' worth, so continuous
         batching refills finished rows from the same call; a CPU actor one batch (on a CPU, where a pass
-        costs about its tokens, continuous batching measured 4-8% slower than static batches: BENCHMARKS.md)."""
+        costs about its tokens, continuous batching measured 4-8% slower than static batches:
+        BENCHMARKS.md)."""
         gpu = bool(self.gpus_per_actor) or (self.device or "").startswith("cuda")
         batch = self.batch_size or MAX_AUTO_BATCH["cuda" if gpu else "cpu"]
         return 4 * batch if gpu else batch

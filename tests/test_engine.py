@@ -260,8 +260,8 @@ def test_bf16_decodes_through_both_kernels(kernel):
 @pytest.mark.parametrize("method", sorted(STEERERS))
 def test_continuous_batching_gives_each_row_its_tokens_alone(architecture, method):
     """Two cache rows for seven requests of different lengths: each finished row's place is taken by the
-    next request (its prompt prefilled in its first pass, its layers ranked at its own first step), and every row
-    gets exactly what it gets alone: tokens, telemetry and ranking."""
+    next request (its prompt prefilled in its first pass, its layers ranked at its own first step), and
+    every row gets exactly what it gets alone: tokens, telemetry and ranking."""
     engine = Engine(tiny_model(architecture, seed=5), [1], 0)
     requests = random_requests(7, seed=11)
     config = SteeringConfig(method=method, max_new_tokens=MAX_NEW, static_layers=3 if "static" in method else 0)

@@ -3,7 +3,9 @@ on ``--device`` in each of ``--dtypes`` and on the CPU in fp32, per model and me
 setting, the prompts whose tokens are identical and the tokens that agree before each prompt's first
 difference, and the device's peak allocated memory per method beside the memory plan's weights and
 batch (``directer plan``; the CUDA context is not allocated memory). Needs only the repository and
-the bundled model's files.
+the bundled model's config and tokenizer files: a model whose weights are not there (the bundled
+model's, where only those files came along) is skipped with a line that says so, and the random
+models, which need no weights, still run.
 
     .venv/bin/python benchmarks/gpu_check.py [--device cuda] [--dtypes float32,bfloat16]
         [--models smollm2-135m,smollm2-1.7b-random] [--prompts 16] [--max-new-tokens 32]
@@ -21,7 +23,7 @@ import time
 import torch
 from determinism import agreement
 
-from directer import Directer, SteeringConfig
+from directer import Directer, ModelNotFoundError, SteeringConfig
 from directer.ifeval import load_ifeval
 
 METHODS = ("zero-shot", "directer")
@@ -59,7 +61,11 @@ def main() -> None:
     args = parser.parse_args()
     rows = load_ifeval(limit=args.prompts)
     for model in args.models.split(","):
-        reference = decode(model, "cpu", "float32", rows, args.max_new_tokens)
+        try:
+            reference = decode(model, "cpu", "float32", rows, args.max_new_tokens)
+        except ModelNotFoundError as error:
+            print(json.dumps({"model": model, "skipped": str(error)}), flush=True)
+            continue
         for dtype in args.dtypes.split(","):
             started = time.perf_counter()
             results = decode(model, args.device, dtype, rows, args.max_new_tokens)

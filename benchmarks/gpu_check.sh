@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # The device check: run on a CUDA machine from a checkout (no downloads; PYTHON=python3 without .venv).
+# Needs torch, transformers, accelerate, typer and rich (no Ray), and the bundled model's config and
+# tokenizer files in $DIRECTER_CACHE/models/smollm2-135m/ (BENCHMARKS.md names them); where its weights
+# are not there, the bundled model is skipped and the random model still runs.
 # Prints JSON lines: CUDA against CPU fp32 token agreement (bf16 and fp32) for the bundled model and
 # the 1.7B random model with peak allocated memory beside the memory plan, then `directer bench` on
 # CUDA with the 1.7B random model, and the plan of a batch of 1,024-token prompts on this GPU. Record the figures

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from directer.models import model_source
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,16 +52,25 @@ def test_bench_names_its_figures_after_the_method():
                                       "pasta+gate_vs_zero_shot_b2", "memory_pasta+gate_vs_zero_shot"}  # fmt: skip
 
 
-def test_the_device_check_runs_on_a_cpu_where_every_setting_agrees(smollm2):
-    """``benchmarks/gpu_check.py`` is what a GPU machine runs; on the CPU against itself it must agree."""
+def test_the_device_check_runs_on_a_cpu_where_every_setting_agrees(smollm2, tmp_path):
+    """``benchmarks/gpu_check.py`` is what a GPU machine runs; on the CPU against itself it must agree. Given
+    only the bundled model's config and tokenizer files (what travels to a GPU machine that cannot hold its
+    weights), it says it skips that model and goes on to the next."""
+    converted, _ = model_source("smollm2-135m")
+    tokenizer_only = tmp_path / "models" / "smollm2-135m"
+    tokenizer_only.mkdir(parents=True)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja"):  # fmt: skip
+        shutil.copy(Path(converted) / name, tokenizer_only)
     result = subprocess.run(
         [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--dtypes", "float32",
-         "--models", "smollm2-135m", "--prompts", "2", "--max-new-tokens", "4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+         "--models", f"smollm2-135m,{converted}", "--prompts", "2", "--max-new-tokens", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "DIRECTER_CACHE": str(tmp_path)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [r["method"] for r in records] == ["zero-shot", "directer"]
+    skipped, *records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert skipped["model"] == "smollm2-135m" and "model.safetensors" in skipped["skipped"]
+    assert [(r["model"], r["method"]) for r in records] == [(str(converted), "zero-shot"), (str(converted), "directer")]
     for record in records:
         identical, total = record["tokens_agreeing"].split("/")
         assert record["prompts_identical"] == "2/2" and identical == total and int(total) > 0

@@ -169,6 +169,10 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     context.execution_no_progress_timeout_s = -1
     # actors that cannot be placed (no GPU of the kind asked for) would otherwise be waited for forever
     context.wait_for_min_actors_s = config.actor_start_timeout
+    # Ray Data 2.60's second Parquet reader starts a task to list the files and an actor pool to read
+    # their footers once the model actors are up: the first batch reached an actor 9.4-9.8 s after
+    # it was ready, against 3.6-4.6 s with the first reader (BENCHMARKS.md)
+    context.use_datasource_v2 = False
     config = plan_resources(config, ray.cluster_resources())
     report.seconds["startup"] = time.perf_counter() - started
 

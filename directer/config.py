@@ -7,7 +7,6 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, get_args
 
-from directer.sampling import Sampler
 from directer.steering import STEERERS, Steerer, steerer_for
 
 TrialSchedule = Literal["auto", "lazy", "batched"]
@@ -107,10 +106,6 @@ class SteeringConfig:
     def steerer(self) -> Steerer:
         """The method's :class:`~directer.steering.Steerer`, configured by this object."""
         return steerer_for(self)
-
-    @property
-    def sampler(self) -> Sampler:
-        return Sampler(self.temperature, self.top_p, self.top_k)
 
     @property
     def steers(self) -> bool:

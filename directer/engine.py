@@ -42,7 +42,7 @@ from directer.layout import PassPlan, plan_pass
 from directer.passes import ForwardPass, Kernel
 from directer.ranking import AttentionCapture, probe_rankings
 from directer.row_state import RowState
-from directer.sampling import uniforms
+from directer.sampling import Sampler, uniforms
 from directer.telemetry import FinishReason, SteeringSummary, StepTelemetry
 
 KernelChoice = Literal["auto", "sdpa", "matmul"]
@@ -195,7 +195,7 @@ class _Decoding:
         tokens_per_row = len(self.layer_sets) + engine.max_guesses if self.layer_sets else 0
         # a stream method's steered stream: a second copy of every row, the second half of the cache rows
         self.streams = 2 if self.steerer.stream else 1
-        self.sampler = config.sampler
+        self.sampler = Sampler(config.temperature, config.top_p, config.top_k)
         self.rankings: list[list[int] | None] = [None] * len(requests)
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.finished: dict[int, FinishReason] = {}

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any, Literal
 
 from directer.spans import find_instruction_spans
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CharSpan = tuple[int, int]
 SpanMode = Literal["auto", "none"]

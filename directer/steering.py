@@ -30,9 +30,9 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from directer.config import Ranking, SteeringConfig
 
 
@@ -187,7 +187,7 @@ class PastaSteerer(Steerer):
         num_heads = roles.num_heads
         if heads[-1] >= num_heads or heads[0] < 0:
             raise ValueError(f"pasta_heads: layer {layer} has heads 0..{num_heads - 1}, got {heads}")
-        chosen = torch.zeros(num_heads, 1, 1, dtype=bias.dtype, device=bias.device)
+        chosen = bias.new_zeros(num_heads, 1, 1)
         chosen[heads] = 1
         return bias * chosen
 
@@ -218,12 +218,12 @@ class SpotLightSteerer(Steerer):
         on_span = (weights * (roles.instruction[:, None, None, :] & queries)).sum(dim=(1, 2, 3))
         p = on_span / (weights.shape[1] * roles.queries.sum(dim=1))  # [N]
         low = (p > 0) & (p < target)
-        p = torch.where(low, p, target / 2)  # any value in (0, 1): the bias is masked off outside ``low``
+        p = p.where(low, target / 2)  # any value in (0, 1): the bias is masked off outside ``low``
         if self.config.spotlight_bias == "exact":
-            bias = torch.log(target * (1 - p) / (p * (1 - target)))
+            bias = (target * (1 - p) / (p * (1 - target))).log()
         else:
-            bias = torch.log(target / p)
-        bias = torch.where(low, bias, 0.0)
+            bias = (target / p).log()
+        bias = bias.where(low, 0.0)
         return (bias[:, None, None, None] * roles.instruction[:, None, None, :]).to(weights.dtype)
 
 

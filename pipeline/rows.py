@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from directer.prompts import Prompt, PromptError, SpanMode, check_fits, join_task, prompt_from_row
 from pipeline.inputs import READ_ERROR, STRUCTURED_FIELDS, TYPE_ERRORS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class RowError(ValueError):

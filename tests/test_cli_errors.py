@@ -100,3 +100,19 @@ def test_an_output_that_cannot_be_written_fails_before_ray_or_the_model(tmp_path
     result = directer("generate", str(source), "--output", str(blocked / "out"), "--max-new-tokens", "2")
     fails_with(result, f"--output: cannot write to {blocked / 'out' / 'data'}: Not a directory")
     assert "Started a local Ray" not in result.stderr and blocked.read_text() == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["generate", "--help"], ["spans", "Describe Rome. Keep it under 50 words."]],
+)
+def test_commands_that_load_no_model_import_neither_torch_nor_transformers(args):
+    """Their imports take about 7 s on two cores: help and span checks answer in about one."""
+    script = (
+        "import sys\nfrom jobs.cli import app\n"
+        f"try:\n    app({args!r})\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "print('HEAVY', sorted({'torch', 'transformers', 'ray'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout, result.stdout

@@ -160,7 +160,7 @@ class Directer:
                 prompts[i].span,
                 rankings[i] if rankings else None,
                 row_key(config.seed, row_ids[i] if row_ids else str(i)),
-            )  # fmt: skip
+            )
             for i in order
         ]
         # one row at a time has no place to refill: each decodes alone, unpadded

@@ -168,7 +168,7 @@ def follow(job_id: str, address: str | None = None, unreachable_timeout: float =
     def stream() -> None:
         try:
             asyncio.run(tail())
-        except Exception:  # noqa: BLE001 - the status poll below reports what went wrong
+        except Exception:  # the status poll below reports what went wrong
             return
 
     streamer = threading.Thread(target=stream, name=f"logs-{job_id}", daemon=True)

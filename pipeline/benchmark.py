@@ -118,7 +118,7 @@ def run_benchmark(
     steerer = Directer.from_pretrained(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     loaded = steerer.loaded
     built = [
-        steerer.prompt(**{"message": r["prompt"], "instruction_spans": r["instruction_spans"]})
+        steerer.prompt(message=r["prompt"], instruction_spans=r["instruction_spans"])
         for r in load_ifeval(limit=prompts)
     ]
     max_new_tokens = steering.max_new_tokens
@@ -178,7 +178,7 @@ def run_benchmark(
     largest = max(batch_sizes)
     if pipeline:
         result.pipeline = _pipeline(
-            built, load_ifeval(limit=prompts), steering, model, largest, device, dtype, trust_remote_code
+            load_ifeval(limit=prompts), steering, model, largest, device, dtype, trust_remote_code
         )
         log(f"{'pipeline_b' + str(largest):>16}: {result.pipeline['tokens_per_second']:8.1f} tokens/s "
             f"(Ray start-up {result.pipeline['startup_seconds']:.1f}s and model load "
@@ -187,7 +187,7 @@ def run_benchmark(
     return result
 
 
-def _pipeline(built, rows, config, model, batch_size, device, dtype, trust_remote_code) -> dict[str, float]:
+def _pipeline(rows, config, model, batch_size, device, dtype, trust_remote_code) -> dict[str, float]:
     """The same prompts through ``directer generate`` with one actor (start-up and model load excluded)."""
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -60,7 +60,7 @@ def plan_run(
     config = model_config(model, trust_remote_code)
     prompts = None
     if inputs:
-        prompt_tokens, longest_span, prompts = _longest(model, inputs, steering, trust_remote_code)
+        prompt_tokens, longest_span, prompts = _longest(model, inputs, trust_remote_code)
         instruction_tokens = longest_span if instruction_tokens is None else instruction_tokens
     if prompt_tokens is None:
         raise ValueError("give input files or --prompt-tokens")
@@ -78,7 +78,7 @@ def plan_run(
     return RunPlan(model, target.type, name, steering.method, prompts, plan, batch_size)
 
 
-def _longest(model: str, inputs: list[str], steering: SteeringConfig, trust: bool) -> tuple[int, int, int]:
+def _longest(model: str, inputs: list[str], trust: bool) -> tuple[int, int, int]:
     """Longest prompt and longest instruction (tokens) over the rows of ``inputs``; rows that would be
     error rows in a run are skipped."""
     tokenizer = load_tokenizer(model, trust)

@@ -120,7 +120,7 @@ class GenerateStage:
         completions, cache_hits = self._generate(rows, prompts, errors)
         seconds = time.perf_counter() - started
         records = [
-            self._record(i, completions.get(i), errors.get(i), cache_hits.get(i), seconds) for i in range(len(rows))
+            self._record(completions.get(i), errors.get(i), cache_hits.get(i), seconds) for i in range(len(rows))
         ]
         generated = pa.Table.from_pylist(records, schema=GENERATED)
         internal = (TYPE_ERRORS, READ_ERROR)
@@ -144,14 +144,14 @@ class GenerateStage:
             ids = [row_id(rows[i]) for i in indices]
             results = self.directer.complete(batch, self.steering, self.config.batch_size, rankings, ids)
             completions = dict(zip(indices, results))
-        except Exception:  # noqa: BLE001 - isolate the failing rows; their errors are kept
+        except Exception:  # retried row by row: only the rows that fail alone become error rows
             completions = {}
             for index, ranking in zip(indices, rankings):
                 try:
                     (completions[index],) = self.directer.complete(
                         [prompts[index]], self.steering, 1, [ranking], [row_id(rows[index])]
                     )
-                except Exception as error:  # noqa: BLE001
+                except Exception as error:
                     errors[index] = f"engine: {type(error).__name__}: {error}"
         if self.cache:
             for index, completion in completions.items():
@@ -160,7 +160,7 @@ class GenerateStage:
             self.cache.flush()
         return completions, hits
 
-    def _record(self, index: int, completion, error: str | None, cache: str | None, seconds: float) -> dict[str, Any]:
+    def _record(self, completion, error: str | None, cache: str | None, seconds: float) -> dict[str, Any]:
         if completion is None:
             return {"status": "error", "error": error or "not generated", **self.constant}
         return {

@@ -1,8 +1,8 @@
 """Running ``directer`` commands as Ray jobs through Ray's Job Submission API.
 
 The job's entrypoint is the same command line a user types locally (``python -m jobs.cli generate
-...``), run on the cluster with this project as its working directory; inside the job ``ray.init()``
-joins the cluster, so ``generate``, ``eval`` and ``bench`` run unchanged.
+...``), run on the cluster with this code (:func:`code_env`); inside the job ``ray.init()`` joins the
+cluster, so ``generate``, ``eval`` and ``bench`` run unchanged.
 
 Token authentication: when the job server answers 401, the client reads the token where Ray does
 (``RAY_AUTH_TOKEN``, the file named by ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``) and sends it;
@@ -29,8 +29,9 @@ from ray.job_submission import JobSubmissionClient
 from pipeline.cluster import TOKEN_HELP, find_token
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("directer", "pipeline", "jobs")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# never uploaded with the working directory
+# never uploaded with the code
 EXCLUDES = [".venv/", ".git/", "runs/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/", "*.egg-info/"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_SECONDS = 120
@@ -94,6 +95,16 @@ def entrypoint(arguments: list[str]) -> str:
     return shlex.join(["python", "-m", "jobs.cli", *arguments])
 
 
+def code_env(root: Path = PROJECT_ROOT) -> dict[str, object]:
+    """How the job gets this code. A source checkout travels whole as the job's working directory, so
+    the README's relative paths (``examples/...``) resolve there too. An installed copy's ``root`` is
+    site-packages (2.4 GB with torch: Ray would zip it all, then refuse a package over 512 MiB), so
+    only its three packages travel, as ``py_modules``; paths then must be ones the cluster sees."""
+    if (root / "pyproject.toml").is_file() and (root / "jobs" / "cli.py").is_file():
+        return {"working_dir": str(root), "excludes": EXCLUDES}
+    return {"py_modules": [str(root / name) for name in PACKAGES], "excludes": EXCLUDES}
+
+
 def submit(
     arguments: list[str],
     address: str | None = None,
@@ -103,7 +114,7 @@ def submit(
     """Submit ``directer ARGUMENTS`` as a Ray job; returns its id."""
     if not arguments:
         raise ValueError("give the directer command to run after --, e.g. -- generate data/ --output /shared/out")
-    runtime_env: dict[str, object] = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES}
+    runtime_env = code_env()
     variables = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), **(env or {})}
     runtime_env["env_vars"] = variables
     if pip:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -143,6 +144,44 @@ def test_submit_to_a_head_with_token_auth_turned_on_by_its_token_file(ray_head, 
     assert all(r["status"] == "ok" for r in table)
     assert cli("jobs", "status", job_id, "--address", address, env=env).stdout.strip() == "SUCCEEDED"
     assert "3 written (3 ok, 0 error)" in cli("jobs", "logs", job_id, "--address", address, env=env).stdout
+
+
+def test_a_copy_installed_from_the_wheel_sends_its_packages_not_site_packages(ray_head, tmp_path):
+    """Installed (not a checkout), the folder above ``jobs/`` is site-packages: the job gets the three
+    packages as ``py_modules`` (no working directory) and runs."""
+    source = tmp_path / "source"  # built from a copy: setuptools writes build/ and *.egg-info/ beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source)
+    for name in ("directer", "pipeline", "jobs"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
+         str(source)], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    site = tmp_path / "site-packages"
+    (wheel,) = (tmp_path / "dist").glob("directer-*.whl")
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    head, env = ray_head
+    env = {**env, "PYTHONPATH": str(site)}
+    rows = tmp_path / "rows.jsonl"
+    result = subprocess.run(
+        [*CLI, "submit", "--address", head.address, "--wait", "--", "ifeval", "--output", str(rows), "--limit", "3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(rows.read_text().splitlines()) == 3
+    job_id = result.stdout.strip().splitlines()[0]
+    info = f"client({head.address!r}).get_job_info({job_id!r})"
+    script = f"from jobs.submit import client; print(sorted({info}.runtime_env))"
+    keys = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert keys.returncode == 0, keys.stderr
+    assert "'py_modules'" in keys.stdout and "'working_dir'" not in keys.stdout, keys.stdout
 
 
 def test_generate_joins_the_head_by_its_address_with_the_token(ray_head, tmp_path):

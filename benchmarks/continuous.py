@@ -8,7 +8,12 @@ per decoding pass (prompt tokens included), wall time and the ratio, and how man
 exactly the tokens they get alone (fp32 on a CPU rounds a product by its shape, and a row padded to
 a longer prompt can flip a near tie: :mod:`benchmarks.determinism`).
 
-    .venv/bin/python benchmarks/continuous.py --prompts 64 --batch-size 16 --max-new-tokens 64
+A random-weight model (``--model smollm2-1.7b-random``, what the GPU check can run) never reaches an
+end-of-sequence id, so every row would run to ``--max-new-tokens`` and the batches would never have a
+place to refill; ``--end-share F`` makes a share ``F`` of the vocabulary (drawn with seed 0) end a
+completion too, so that lengths vary as real completions' do.
+
+    PYTHONPATH=benchmarks:. .venv/bin/python benchmarks/continuous.py --prompts 64 --batch-size 16 --max-new-tokens 64
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 from determinism import agreement
 
 from directer import Directer, SteeringConfig
-from directer.engine import Request
+from directer.engine import Engine, Request
 from directer.ifeval import load_ifeval
 
 
@@ -73,9 +78,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--end-share", type=float, default=0.0, help="share of the vocabulary that also ends a row")
     args = parser.parse_args()
     torch.manual_seed(0)
     steerer = Directer.from_pretrained(args.model, device=args.device)
+    if args.end_share:
+        loaded = steerer.loaded
+        vocabulary = loaded.model.config.get_text_config().vocab_size
+        drawn = torch.randperm(vocabulary, generator=torch.Generator().manual_seed(0))
+        ends = drawn[: int(args.end_share * vocabulary)].tolist()
+        steerer.engine = Engine(loaded.model, [*loaded.eos_token_ids, *ends], loaded.pad_token_id)
     rows = load_ifeval(limit=args.prompts)
     prompts = [steerer.prompt(message=r["prompt"], instruction_spans=r["instruction_spans"]) for r in rows]
     prompts.sort(key=lambda p: len(p.token_ids))

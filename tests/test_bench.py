@@ -76,3 +76,19 @@ def test_the_device_check_runs_on_a_cpu_where_every_setting_agrees(smollm2, tmp_
         assert record["prompts_identical"] == "2/2" and identical == total and int(total) > 0
         weights = sum(p.numel() * p.element_size() for p in smollm2.model.parameters())
         assert record["planned_mib"] > weights / 2**20  # the weights and a batch
+
+
+def test_the_continuous_batching_measurement_ends_rows_early_with_an_end_share():
+    """``benchmarks/continuous.py`` as the device check runs it: with ``--end-share`` rows end at drawn
+    tokens too (a random-weight model never reaches its end-of-sequence id), so refills happen."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/continuous.py", "--prompts", "4", "--batch-size", "2", "--max-new-tokens", "6",
+         "--end-share", "0.3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": f"benchmarks{os.pathsep}."},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = json.loads(result.stdout.splitlines()[0])
+    static, continuous = payload["static"], payload["continuous"]
+    assert 0 < static["generated"] < 4 * 6 and 0 < continuous["generated"] < 4 * 6
+    assert continuous["passes_with_prefills"] >= 2  # the first pass's, and at least one refill's

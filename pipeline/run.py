@@ -158,8 +158,9 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
 
     init_ray(config.address, config.connect_timeout, config.ray_logs)
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = progress
-    # one bar for the run; Ray Data's bar per operator and its INFO lines with --ray-logs
+    # one bar for the run, turned on once the dataset is built (building it samples the Parquet inputs
+    # under a bar of its own); Ray Data's bar per operator and its INFO lines with --ray-logs
+    context.enable_progress_bars = progress and config.ray_logs
     context.enable_operator_progress_bars = config.ray_logs
     context.print_on_execution_start = config.ray_logs
     # (its errors come back as exceptions, which the command words itself)
@@ -203,6 +204,7 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
             num_cpus=config.cpus_per_actor,
             num_gpus=config.gpus_per_actor,
         )
+        context.enable_progress_bars = progress
         run_started = time.perf_counter()
         try:
             failure = execute(dataset, ParquetFiles(output.data_dir), config)

@@ -11,7 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 from test_jobs import CLI, ROOT, cli, free_port, user_environment, write_rows
 
 RAY_INFO = re.compile(r"\sINFO\s")  # a line of Ray's log: "2026-12-02 00:54:09,143\tINFO dataset.py:..."
@@ -48,14 +50,17 @@ def test_a_stale_cluster_file_does_not_stop_a_local_run(tmp_path):
     cluster_file.parent.mkdir()
     cluster_file.write_text(f"127.0.0.1:{free_port()}")
     inputs = write_rows(tmp_path / "in.jsonl", 2)
-    result = cli("generate", str(inputs), "--output", str(tmp_path / "out"), "--max-new-tokens", "3",
+    more = tmp_path / "more.parquet"  # Ray Data samples a Parquet input under a progress bar of its own
+    pq.write_table(pa.Table.from_pylist([{**json.loads(inputs.read_text().splitlines()[0]), "id": "row-p"}]), more)
+    result = cli("generate", str(inputs), str(more), "--output", str(tmp_path / "out"), "--max-new-tokens", "3",
                  "--examples", "0", env=env, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(r["id"] for r in rows_written(tmp_path / "out")) == ["row-0", "row-1"]
-    # the screen holds our summary, not Ray's log (that takes --ray-logs)
+    assert sorted(r["id"] for r in rows_written(tmp_path / "out")) == ["row-0", "row-1", "row-p"]
+    # the screen holds our summary, not Ray's log or bars (those take --ray-logs)
     assert not RAY_INFO.search(result.stderr) and "will hang" not in result.stderr, result.stderr
     assert not RAY_NATIVE.search(result.stderr), result.stderr  # not even "... max_restarts > 0 ..."
-    assert "2 written (2 ok, 0 error)" in result.stdout
+    assert "Parquet dataset sampling" not in result.stderr, result.stderr
+    assert "3 written (3 ok, 0 error)" in result.stdout
 
 
 def test_actors_that_cannot_start_fail_within_the_bound(tmp_path):

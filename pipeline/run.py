@@ -28,6 +28,7 @@ from pipeline.cluster import RESTART_WARNING, ClusterError, actor_start_error, h
 from pipeline.config import GenerateConfig
 from pipeline.inputs import InputError, duplicate_ids, read_dataset, resolve_inputs, survey
 from pipeline.outputs import RunOutput
+from pipeline.progress import WrittenRows
 from pipeline.sink import OutputWriteError, ParquetFiles
 from pipeline.stage import GenerateStage
 
@@ -158,8 +159,8 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
 
     init_ray(config.address, config.connect_timeout, config.ray_logs)
     context = ray.data.DataContext.get_current()
-    # one bar for the run, turned on once the dataset is built (building it samples the Parquet inputs
-    # under a bar of its own); Ray Data's bar per operator and its INFO lines with --ray-logs
+    # the run's one bar is ours (pipeline.progress); Ray Data's bars (its Parquet sampling's too) and
+    # its INFO lines with --ray-logs
     context.enable_progress_bars = progress and config.ray_logs
     context.enable_operator_progress_bars = config.ray_logs
     context.print_on_execution_start = config.ray_logs
@@ -204,10 +205,11 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
             num_cpus=config.cpus_per_actor,
             num_gpus=config.gpus_per_actor,
         )
-        context.enable_progress_bars = progress
         run_started = time.perf_counter()
+        shown = WrittenRows(output, before, todo, config.steering.method) if progress else contextlib.nullcontext()
         try:
-            failure = execute(dataset, ParquetFiles(output.data_dir), config)
+            with shown:
+                failure = execute(dataset, ParquetFiles(output.data_dir), config)
         except KeyboardInterrupt:
             # what was written is kept (a rerun resumes after it): record it and its speed
             report.interrupted = True

@@ -3,7 +3,10 @@ cluster file from an earlier head, actors that can never start, and SIGINT/SIGTE
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pty
 import re
 import signal
 import subprocess
@@ -121,3 +124,29 @@ def test_sigint_during_start_up_stops_eval_within_seconds(tmp_path):
     while not (tmp_path / "eval" / "inputs.parquet").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     stops_within_seconds(run, signal.SIGINT)
+
+
+def test_a_terminal_shows_one_bar_of_the_rows_written(tmp_path):
+    """In a pseudo-terminal: our bar counts the rows written, and then gives way to the summary; none of
+    Ray Data's bars (its Parquet sampling's included) appear."""
+    inputs = write_rows(tmp_path / "in.jsonl", 2)
+    more = tmp_path / "more.parquet"
+    pq.write_table(pa.Table.from_pylist([{**json.loads(inputs.read_text().splitlines()[0]), "id": "row-p"}]), more)
+    leader, follower = pty.openpty()
+    run = subprocess.Popen(
+        [*CLI, "generate", str(inputs), str(more), "--output", str(tmp_path / "out"), "--max-new-tokens", "3",
+         "--examples", "0"],
+        cwd=ROOT, env={**local_environment(tmp_path), "COLUMNS": "100"}, stdin=follower, stdout=follower,
+        stderr=follower,
+    )  # fmt: skip
+    os.close(follower)
+    screen = b""
+    with contextlib.suppress(OSError):  # EIO once the command has exited and the terminal is closed
+        while chunk := os.read(leader, 65536):
+            screen += chunk
+    os.close(leader)
+    assert run.wait(timeout=60) == 0, screen.decode(errors="replace")[-3000:]
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))  # colours, cursor moves
+    assert "directer" in text and "3/3 rows" in text, text[-3000:]
+    assert "Parquet dataset sampling" not in text and "Running" not in text, text[-3000:]
+    assert "3 written (3 ok, 0 error)" in text

@@ -1,0 +1,65 @@
+"""The run's one progress bar: rows written, counted from the Parquet files as they land.
+
+Ray Data 2.60 draws no overall bar with its tqdm display once its per-operator bars are off, and its
+rich display cannot see the terminal while the run filters Ray's native lines out of standard error
+(both checked in a pseudo-terminal). The written files are also what a resume counts on, so the bar
+shows exactly the rows a rerun would not run again.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from types import TracebackType
+
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pipeline.outputs import RunOutput
+
+POLL_SECONDS = 0.5
+
+
+class WrittenRows:
+    """While inside, a bar of the rows written to ``output`` since ``before``, out of ``total``.
+
+    Its console is made on entry, before the run sends file descriptor 2 through a filter, so that it
+    still knows whether that is a terminal; off a terminal it draws nothing.
+    """
+
+    def __init__(self, output: RunOutput, before: set[Path], total: int, label: str) -> None:
+        self.output, self.before, self.total, self.label = output, before, total, label
+        self.counted: dict[Path, int] = {}
+        self.stopping = threading.Event()
+
+    def __enter__(self) -> WrittenRows:
+        console = Console(file=sys.stderr, force_terminal=sys.stderr.isatty())
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+                   TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
+        self.bar = Progress(*columns, console=console, transient=True)
+        self.task = self.bar.add_task(self.label, total=self.total)
+        self.bar.start()
+        self.thread = threading.Thread(target=self._poll, name="written-rows", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None):
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        self.bar.update(self.task, completed=self.written())  # the last file may land between two polls
+        self.bar.stop()
+
+    def written(self) -> int:
+        """Rows in the complete files written since ``before`` (a file is renamed into place whole)."""
+        for path in set(self.output.files()) - self.before - set(self.counted):
+            try:
+                self.counted[path] = pq.ParquetFile(path).metadata.num_rows
+            except (OSError, ValueError):  # removed or replaced since listed: counted next time
+                continue
+        return sum(self.counted.values())
+
+    def _poll(self) -> None:
+        while not self.stopping.wait(POLL_SECONDS):
+            self.bar.update(self.task, completed=self.written())

@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import re
+import select
 import signal
 import subprocess
 import tempfile
@@ -36,6 +37,15 @@ def rows_written(output: Path) -> list[dict]:
     return pads.dataset(files, format="parquet").to_table(columns=["id", "status"]).to_pylist() if files else []
 
 
+def jsonl_and_parquet_rows(folder: Path) -> list[str]:
+    """Inputs ``row-0`` and ``row-1`` as JSON lines and ``row-p`` as Parquet (which Ray Data samples under a
+    progress bar of its own)."""
+    inputs = write_rows(folder / "in.jsonl", 2)
+    more = folder / "more.parquet"
+    pq.write_table(pa.Table.from_pylist([{**json.loads(inputs.read_text().splitlines()[0]), "id": "row-p"}]), more)
+    return [str(inputs), str(more)]
+
+
 def stops_within_seconds(run: subprocess.Popen, signum: int) -> None:
     """``signum`` ends the command within seconds, saying how to resume, with exit status 128 + signum."""
     run.send_signal(signum)
@@ -52,11 +62,8 @@ def test_a_stale_cluster_file_does_not_stop_a_local_run(tmp_path):
     cluster_file = Path(env["RAY_TMPDIR"]) / "ray" / "ray_current_cluster"
     cluster_file.parent.mkdir()
     cluster_file.write_text(f"127.0.0.1:{free_port()}")
-    inputs = write_rows(tmp_path / "in.jsonl", 2)
-    more = tmp_path / "more.parquet"  # Ray Data samples a Parquet input under a progress bar of its own
-    pq.write_table(pa.Table.from_pylist([{**json.loads(inputs.read_text().splitlines()[0]), "id": "row-p"}]), more)
-    result = cli("generate", str(inputs), str(more), "--output", str(tmp_path / "out"), "--max-new-tokens", "3",
-                 "--examples", "0", env=env, timeout=300)  # fmt: skip
+    result = cli("generate", *jsonl_and_parquet_rows(tmp_path), "--output", str(tmp_path / "out"),
+                 "--max-new-tokens", "3", "--examples", "0", env=env, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(r["id"] for r in rows_written(tmp_path / "out")) == ["row-0", "row-1", "row-p"]
     # the screen holds our summary, not Ray's log or bars (those take --ray-logs)
@@ -129,20 +136,19 @@ def test_sigint_during_start_up_stops_eval_within_seconds(tmp_path):
 def test_a_terminal_shows_one_bar_of_the_rows_written(tmp_path):
     """In a pseudo-terminal: our bar counts the rows written, and then gives way to the summary; none of
     Ray Data's bars (its Parquet sampling's included) appear."""
-    inputs = write_rows(tmp_path / "in.jsonl", 2)
-    more = tmp_path / "more.parquet"
-    pq.write_table(pa.Table.from_pylist([{**json.loads(inputs.read_text().splitlines()[0]), "id": "row-p"}]), more)
     leader, follower = pty.openpty()
     run = subprocess.Popen(
-        [*CLI, "generate", str(inputs), str(more), "--output", str(tmp_path / "out"), "--max-new-tokens", "3",
-         "--examples", "0"],
+        [*CLI, "generate", *jsonl_and_parquet_rows(tmp_path), "--output", str(tmp_path / "out"),
+         "--max-new-tokens", "3", "--examples", "0"],
         cwd=ROOT, env={**local_environment(tmp_path), "COLUMNS": "100"}, stdin=follower, stdout=follower,
         stderr=follower,
     )  # fmt: skip
     os.close(follower)
-    screen = b""
+    screen, deadline = b"", time.monotonic() + 300
     with contextlib.suppress(OSError):  # EIO once the command has exited and the terminal is closed
-        while chunk := os.read(leader, 65536):
+        while select.select([leader], [], [], max(0.0, deadline - time.monotonic()))[0] and (
+            chunk := os.read(leader, 65536)
+        ):
             screen += chunk
     os.close(leader)
     assert run.wait(timeout=60) == 0, screen.decode(errors="replace")[-3000:]

@@ -116,3 +116,20 @@ def test_commands_that_load_no_model_import_neither_torch_nor_transformers(args)
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout, result.stdout
+
+
+def test_the_package_names_its_exports_alike_for_type_checkers_lazy_loading_and_star_imports():
+    """``directer/__init__.py`` lists each name three times; a name in one list only would load for
+    one reader and be missing for another."""
+    import ast
+
+    import directer
+
+    tree = ast.parse((ROOT / "directer" / "__init__.py").read_text())
+    guarded = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    for_type_checkers = {
+        alias.name: node.module for node in guarded.body if isinstance(node, ast.ImportFrom) for alias in node.names
+    }
+    assert for_type_checkers == directer._MODULE_OF
+    assert sorted(directer.__all__) == sorted(for_type_checkers)
+    assert all(getattr(directer, name) is not None for name in directer.__all__)

@@ -631,7 +631,7 @@ def export(
             max_nll=max_nll, max_repetition=max_repetition, dedupe=dedupe, require_finish=require_finish,
             best_of=best_of,
         )  # fmt: skip
-        report = run_export(config, command=current_command())
+        report = run_export(config, command=current_command(), progress=True)
     except (InputError, ValueError) as error:
         raise _fail(str(error)) from None
     Console().print(render.export_counts(report, output))

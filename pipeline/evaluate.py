@@ -163,7 +163,7 @@ def score_runs(output: Path, methods: tuple[str, ...] | list[str]) -> pa.Table:
     inputs = {r["id"]: r for r in pq.read_table(output / "inputs.parquet").to_pylist()}
     records = []
     for method in methods:
-        for row in RunOutput.of_method(output, method).rows():
+        for row in RunOutput.of_method(output, method).rows(["id", "status", "completion"]):
             source = inputs[row["id"]]
             ids = list(source["instruction_id_list"])
             if row["status"] != "ok":

@@ -19,6 +19,12 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from directer.telemetry import SteeringSummary, StepTelemetry, arrow_fields
+
+# the struct columns a run writes (``pipeline.stage``) and an export passes on
+TELEMETRY = pa.struct([(name, pa.type_for_alias(kind)) for name, kind in arrow_fields(StepTelemetry)])
+SUMMARY = pa.struct([(name, pa.type_for_alias(kind)) for name, kind in arrow_fields(SteeringSummary)])
+
 # what an interrupted write leaves (``.<name>.parquet.partial``, see ``pipeline.sink``); never a complete file
 PARTIAL_SUFFIX = ".partial"
 
@@ -66,14 +72,32 @@ class RunOutput:
         files = self.files() if files is None else files
         if not files:
             return pa.table({})
-        # files of one run may type a passthrough column apart (all null in one block, text in another)
-        schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
-        dataset = pads.dataset([str(f) for f in files], format="parquet", schema=schema)
-        present = None if columns is None else [c for c in columns if c in dataset.schema.names]
-        return dataset.to_table(columns=present)
+        dataset = self._dataset(files)
+        return dataset.to_table(columns=self._present(dataset, columns))
 
     def rows(self, columns: list[str] | None = None) -> list[dict[str, Any]]:
         return self.read(columns).to_pylist()
+
+    def batches(self, columns: list[str], size: int) -> Iterator[list[dict[str, Any]]]:
+        """The rows, ``size`` at a time, with the ``columns`` present: a run of any length in bounded memory."""
+        if files := self.files():
+            dataset = self._dataset(files)
+            for batch in dataset.to_batches(columns=self._present(dataset, columns), batch_size=size):
+                yield batch.to_pylist()
+
+    def count(self) -> int:
+        """Rows written, from the files' footers."""
+        return sum(pq.ParquetFile(path).metadata.num_rows for path in self.files())
+
+    @staticmethod
+    def _dataset(files: list[Path]) -> pads.Dataset:
+        # files of one run may type a passthrough column apart (all null in one block, text in another)
+        schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+        return pads.dataset([str(f) for f in files], format="parquet", schema=schema)
+
+    @staticmethod
+    def _present(dataset: pads.Dataset, columns: list[str] | None) -> list[str] | None:
+        return None if columns is None else [c for c in columns if c in dataset.schema.names]
 
     def ids(self) -> tuple[set[str], bool, int]:
         """Ids already written (and whether rows without an id were), skipping unreadable files (not one

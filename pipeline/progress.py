@@ -1,4 +1,5 @@
-"""The run's one progress bar: rows written, counted from the Parquet files as they land.
+"""Progress bars: the run's one bar (rows written, counted from the Parquet files as they land), and
+a bar over a long loop of the driver's own.
 
 Ray Data 2.60 draws no overall bar with its tqdm display once its per-operator bars are off, and its
 rich display cannot see the terminal while the run filters Ray's native lines out of standard error
@@ -10,16 +11,27 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import pyarrow.parquet as pq
+from rich import progress
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.outputs import RunOutput
 
 POLL_SECONDS = 0.5
+Item = TypeVar("Item")
+
+
+def tracked(items: Iterable[Item], total: int, label: str, show: bool) -> Iterable[Item]:
+    """``items``, under a transient bar of how many of ``total`` are done when ``show`` and standard error is
+    a terminal (off a terminal a bar would only add lines to a log)."""
+    if not show or not sys.stderr.isatty():
+        return items
+    return progress.track(items, description=label, total=total, transient=True, console=Console(file=sys.stderr))
 
 
 class WrittenRows:
@@ -36,9 +48,15 @@ class WrittenRows:
 
     def __enter__(self) -> WrittenRows:
         console = Console(file=sys.stderr, force_terminal=sys.stderr.isatty())
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-                   TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
-        self.bar = Progress(*columns, console=console, transient=True)
+        columns = (
+            progress.TextColumn("{task.description}"),
+            progress.BarColumn(),
+            progress.MofNCompleteColumn(),
+            progress.TextColumn("rows"),
+            progress.TimeElapsedColumn(),
+            progress.TimeRemainingColumn(),
+        )
+        self.bar = progress.Progress(*columns, console=console, transient=True)
         self.task = self.bar.add_task(self.label, total=self.total)
         self.bar.start()
         self.thread = threading.Thread(target=self._poll, name="written-rows", daemon=True)

@@ -20,15 +20,13 @@ import pyarrow as pa
 from directer.quality import completion_nll, distinct_n
 from directer.spans import DETECTOR
 from directer.steering import Steerer, register_steerer
-from directer.telemetry import SteeringSummary, StepTelemetry, arrow_fields
 from pipeline.config import GenerateConfig
 from pipeline.faults import maybe_exit_actor
 from pipeline.inputs import READ_ERROR, TYPE_ERRORS
+from pipeline.outputs import SUMMARY, TELEMETRY
 from pipeline.ranking_cache import RankingCache
 from pipeline.rows import RowError, prepare_row, row_id
 
-TELEMETRY = pa.struct([(name, pa.type_for_alias(kind)) for name, kind in arrow_fields(StepTelemetry)])
-SUMMARY = pa.struct([(name, pa.type_for_alias(kind)) for name, kind in arrow_fields(SteeringSummary)])
 GENERATED = pa.schema(
     [
         ("status", pa.string()),

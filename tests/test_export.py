@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -91,3 +94,42 @@ def test_bad_exports_fail_clearly(runs, tmp_path):
         ExportConfig(runs=outputs, output=str(tmp_path / "x"))
     with pytest.raises(InputError, match="not a directer generate output"):
         export(ExportConfig(runs=(str(tmp_path),), output=str(tmp_path / "y")))
+
+
+def test_the_command_writes_nothing_but_its_table_to_a_log(runs):
+    """Off a terminal, the ``datasets`` save bar used to print twice into the log."""
+    folder, outputs = runs
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "export", outputs[1], "--output", str(folder / "cli"), "--verify"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    counts = dict(re.findall(r"│ ([a-z ()]+?) +│ +(\d+) │", result.stdout))
+    assert counts["rows read"] == str(len(ROWS)), result.stdout
+    assert counts["verified (strict)"] == str(len(datasets.load_from_disk(str(folder / "cli" / "dataset"))))
+
+
+@pytest.mark.parametrize("format", ["parquet", "hf", "jsonl"])
+def test_rows_stream_through_in_batches_and_shards_as_they_would_in_one(runs, monkeypatch, format):
+    """A large run is read ``BATCH_ROWS`` and written ``SHARD_ROWS`` at a time: with both made tiny, the
+    export (two runs, best of them, deduplicated) is the one written in one batch and one shard."""
+    folder, outputs = runs
+
+    def records(name: str) -> tuple[list[dict], list[tuple[str, int]], int]:
+        """The records, the counts, and how many files hold them."""
+        config = ExportConfig(runs=outputs, output=str(folder / name), format=format, best_of=True, dedupe=True)
+        counts = export(config).counts
+        if format == "parquet":
+            files = sorted((folder / name / "data").glob("*.parquet"))
+            return pads.dataset([str(f) for f in files]).to_table().to_pylist(), counts, len(files)
+        if format == "jsonl":
+            return [json.loads(line) for line in (folder / name / "train.jsonl").open()], counts, 1
+        return datasets.load_from_disk(str(folder / name / "dataset")).to_list(), counts, 1
+
+    whole, counts, files = records(f"whole-{format}")
+    monkeypatch.setattr("pipeline.export.BATCH_ROWS", 3)
+    monkeypatch.setattr("pipeline.export.SHARD_ROWS", 2)
+    streamed, streamed_counts, streamed_files = records(f"streamed-{format}")
+    assert streamed == whole and streamed_counts == counts and len(whole) == counts[-1][1] >= 3
+    assert files == 1 and streamed_files == (-(-len(whole) // 2) if format == "parquet" else 1)
+    assert len({record["source_id"] for record in whole}) == len(whole)  # one record per prompt

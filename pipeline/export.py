@@ -181,7 +181,8 @@ def _rows(runs: list[RunOutput], label: str, progress: bool) -> Iterator[Keyed]:
 
     def keyed() -> Iterator[Keyed]:
         for number, run in enumerate(runs):
-            rows = itertools.chain.from_iterable(run.batches(list(READ_COLUMNS), BATCH_ROWS))
+            batches = run.batches(list(READ_COLUMNS), BATCH_ROWS)
+            rows = itertools.chain.from_iterable(batch.to_pylist() for batch in batches)
             yield from (((number, place), row) for place, row in enumerate(rows))
 
     return iter(tracked(keyed(), sum(run.count() for run in runs), label, progress))

@@ -78,12 +78,11 @@ class RunOutput:
     def rows(self, columns: list[str] | None = None) -> list[dict[str, Any]]:
         return self.read(columns).to_pylist()
 
-    def batches(self, columns: list[str], size: int) -> Iterator[list[dict[str, Any]]]:
+    def batches(self, columns: list[str], size: int = 10_000) -> Iterator[pa.RecordBatch]:
         """The rows, ``size`` at a time, with the ``columns`` present: a run of any length in bounded memory."""
         if files := self.files():
             dataset = self._dataset(files)
-            for batch in dataset.to_batches(columns=self._present(dataset, columns), batch_size=size):
-                yield batch.to_pylist()
+            yield from dataset.to_batches(columns=self._present(dataset, columns), batch_size=size)
 
     def count(self) -> int:
         """Rows written, from the files' footers."""

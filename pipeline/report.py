@@ -14,6 +14,8 @@ from statistics import mean
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from directer.pieces import steered_pieces
@@ -30,6 +32,11 @@ METRIC_NAMES = {
     "inst_loose": "instruction-level loose",
 }
 BOOTSTRAP_SAMPLES = 2000
+# what the report reads of every row; the per-step telemetry (about 125 KiB a row of 256 steps in Python) is
+# counted in Arrow, a batch at a time, and read whole only for the examples shown
+ROW_COLUMNS = [
+    "id", "status", "error", "completion", "completion_tokens", "nll", "distinct_2", "finish_reason", "span_source",
+]  # fmt: skip
 
 
 def _per_prompt(scores: list[dict], method: str) -> dict[str, dict[str, Any]]:
@@ -105,18 +112,33 @@ def per_instruction(scores: list[dict], methods: list[str]) -> dict[str, dict[st
     return {k: {m: mean(hits[(k, m)]) for m in methods if (k, m) in hits} for k in kinds}
 
 
-def steering_stats(rows: list[dict]) -> dict[str, Any]:
+def steering_stats(run: RunOutput) -> dict[str, Any]:
     """Share of steps steered, gate skips and fallbacks, and the accepted layer counts."""
-    ok = [r for r in rows if r["status"] == "ok" and r["steering"]]
-    total = SteeringSummary.total(r["steering"] for r in ok)
+    summaries: list[dict[str, Any]] = []
+    layers: Counter[int] = Counter()
+    for batch in run.batches(["status", "steering", "telemetry"]):
+        ok = batch.filter(pc.and_(pc.equal(batch.column("status"), "ok"), pc.is_valid(batch.column("steering"))))
+        summaries += ok.column("steering").to_pylist()
+        accepted = pc.struct_field(pc.list_flatten(ok.column("telemetry")), "layers")
+        for value, count in zip(*pc.value_counts(accepted.filter(pc.greater(accepted, 0))).flatten()):
+            layers[value.as_py()] += count.as_py()
+    total = SteeringSummary.total(summaries)
     if not total.steps:
         return {}
-    layers = Counter(s["layers"] for r in ok for s in (r["telemetry"] or []) if s["layers"] > 0)
     return {
         "steps": total.steps,
         **total.shares(),
         "accepted_layers": {str(k): v for k, v in sorted(layers.items(), reverse=True)},
     }
+
+
+def _telemetry(run: RunOutput, ids: set[str]) -> dict[str, list[dict[str, Any]] | None]:
+    """The per-step telemetry of the rows with these ids."""
+    wanted, found = pa.array(sorted(ids), type=pa.string()), {}
+    for batch in run.batches(["id", "telemetry"]):
+        chosen = batch.filter(pc.is_in(batch.column("id"), value_set=wanted))
+        found.update(zip(chosen.column("id").to_pylist(), chosen.column("telemetry").to_pylist()))
+    return found
 
 
 def quality_stats(rows: list[dict]) -> dict[str, Any]:
@@ -161,14 +183,14 @@ def build_report(output: Path) -> dict[str, Any]:
     baseline = next((m for m in methods if not steers[m]), None)
     scores = pq.read_table(output / "scores.parquet").to_pylist()
     outputs = {m: RunOutput.of_method(output, m) for m in methods}
-    runs = {m: run.rows() for m, run in outputs.items()}
+    runs = {m: run.rows(ROW_COLUMNS) for m, run in outputs.items()}
     summary = {
         "config": config,
         # how each row's instruction was given or found (the same for every method)
         "span_sources": dict(Counter(r["span_source"] for r in runs[methods[-1]] if r["status"] == "ok")),
         "accuracy": accuracy_table(scores, methods, baseline),
         "per_instruction": per_instruction(scores, methods),
-        "steering": {m: steering_stats(runs[m]) for m in methods if steers[m]},
+        "steering": {m: steering_stats(outputs[m]) for m in methods if steers[m]},
         "quality": {m: quality_stats(runs[m]) for m in methods},
         "throughput": {m: throughput(run) for m, run in outputs.items()},
     }
@@ -178,7 +200,7 @@ def build_report(output: Path) -> dict[str, Any]:
         partial.write_text(json.dumps(summary, indent=2))
     plots = _plots(output, summary, runs, methods)
     (output / "report.md").write_text(_markdown(summary, plots, methods))
-    (output / "report.html").write_text(_html(output, summary, plots, runs, scores, methods))
+    (output / "report.html").write_text(_html(output, summary, plots, runs, outputs, scores, methods))
     return summary
 
 
@@ -378,11 +400,11 @@ def _image(path: Path) -> str:
     return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
 
 
-def _highlighted_completion(tokenizer, row: dict) -> str:
+def _highlighted_completion(tokenizer, row: dict, telemetry: list[dict] | None) -> str:
     """The completion with every token that steering changed highlighted."""
     if row["status"] != "ok":
         return f'<span class="error">{html.escape(row["error"] or "")}</span>'
-    steps = ((step["token"], step["changed"]) for step in row["telemetry"] or [])
+    steps = ((step["token"], step["changed"]) for step in telemetry or [])
     return "".join(
         f'<mark title="steered">{html.escape(piece)}</mark>' if changed else html.escape(piece)
         for piece, changed in steered_pieces(tokenizer, steps)
@@ -405,8 +427,9 @@ def _marked_prompt(prompt: str, spans: list) -> str:
 
 
 def _html(
-    output: Path, summary: dict, plots: dict[str, Path], runs: dict, scores: list[dict], methods: list[str]
-) -> str:
+    output: Path, summary: dict, plots: dict[str, Path], runs: dict, outputs: dict[str, RunOutput],
+    scores: list[dict], methods: list[str],
+) -> str:  # fmt: skip
     from directer.models import load_tokenizer
 
     config = summary["config"]
@@ -420,6 +443,7 @@ def _html(
     ids = sorted(set.intersection(*(set(by_method[m]) for m in methods)))
     differing = [i for i in ids if len({all(v for _, v in verdicts[(m, i)]) for m in methods}) > 1]
     chosen = (differing + [i for i in ids if i not in differing])[:12]
+    telemetry = {m: _telemetry(outputs[m], set(chosen)) for m in methods}
 
     head = "".join(f"<th>{METRIC_NAMES[m]}</th>" for m in METRICS)
     table = "".join(
@@ -434,7 +458,7 @@ def _html(
                 f'<span class="{"pass" if ok else "fail"}">{html.escape(k)}</span>'
                 for k, ok in verdicts[(method, row_id)]
             )
-            completion = _highlighted_completion(tokenizer, by_method[method][row_id])
+            completion = _highlighted_completion(tokenizer, by_method[method][row_id], telemetry[method][row_id])
             cells.append(f"<td><div class='verdicts'>{marks}</div><pre>{completion}</pre></td>")
         source = inputs[row_id]
         examples.append(

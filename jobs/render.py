@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -79,15 +80,19 @@ def generate_report(report) -> Table:
 
 def examples(output: Path, method: str, count: int) -> Table | None:
     """A few finished rows of a run: the prompt with its instruction in bold, beside the completion."""
-    columns = ["id", "prompt", "instruction", "completion", "status", "steering"]
-    rows = [r for r in RunOutput(output).rows(columns) if r["status"] == "ok"]
-    if not rows:
+    run = RunOutput(output)
+    listed = run.read(["id", "status"])  # the ids alone: a run of millions of rows fits
+    if not listed.num_rows:
         return None
-    rows.sort(key=lambda r: r["id"])
+    finished = listed.filter(pc.equal(listed.column("status"), "ok")).column("id")
+    first = pc.take(finished, pc.sort_indices(finished)[:count]).to_pylist()
+    if not first:
+        return None
+    rows = sorted(run.rows_with_ids(first, ["prompt", "instruction", "completion", "steering"]), key=lambda r: r["id"])
     table = Table(title="examples", show_lines=True, expand=True)
     table.add_column("prompt (instruction in bold)", ratio=2)
     table.add_column(f"completion ({method})", ratio=3)
-    for row in rows[:count]:
+    for row in rows:
         prompt, instruction = row.get("prompt") or "", row.get("instruction") or ""
         text = Text(prompt)
         if instruction and instruction in prompt:

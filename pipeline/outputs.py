@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -83,6 +84,15 @@ class RunOutput:
         if files := self.files():
             dataset = self._dataset(files)
             yield from dataset.to_batches(columns=self._present(dataset, columns), batch_size=size)
+
+    def rows_with_ids(self, ids: Iterable[str], columns: list[str]) -> list[dict[str, Any]]:
+        """The rows with these ids, read a batch at a time: a few rows of a long run, in little memory."""
+        wanted = pa.array(sorted(set(ids)), type=pa.string())
+        return [
+            row
+            for batch in self.batches(["id", *columns])
+            for row in batch.filter(pc.is_in(batch.column("id"), value_set=wanted)).to_pylist()
+        ]
 
     def count(self) -> int:
         """Rows written, from the files' footers."""

@@ -14,7 +14,6 @@ from statistics import mean
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -130,15 +129,6 @@ def steering_stats(run: RunOutput) -> dict[str, Any]:
         **total.shares(),
         "accepted_layers": {str(k): v for k, v in sorted(layers.items(), reverse=True)},
     }
-
-
-def _telemetry(run: RunOutput, ids: set[str]) -> dict[str, list[dict[str, Any]] | None]:
-    """The per-step telemetry of the rows with these ids."""
-    wanted, found = pa.array(sorted(ids), type=pa.string()), {}
-    for batch in run.batches(["id", "telemetry"]):
-        chosen = batch.filter(pc.is_in(batch.column("id"), value_set=wanted))
-        found.update(zip(chosen.column("id").to_pylist(), chosen.column("telemetry").to_pylist()))
-    return found
 
 
 def quality_stats(rows: list[dict]) -> dict[str, Any]:
@@ -443,7 +433,7 @@ def _html(
     ids = sorted(set.intersection(*(set(by_method[m]) for m in methods)))
     differing = [i for i in ids if len({all(v for _, v in verdicts[(m, i)]) for m in methods}) > 1]
     chosen = (differing + [i for i in ids if i not in differing])[:12]
-    telemetry = {m: _telemetry(outputs[m], set(chosen)) for m in methods}
+    telemetry = {m: {r["id"]: r["telemetry"] for r in outputs[m].rows_with_ids(chosen, ["telemetry"])} for m in methods}
 
     head = "".join(f"<th>{METRIC_NAMES[m]}</th>" for m in METRICS)
     table = "".join(

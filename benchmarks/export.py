@@ -43,7 +43,7 @@ print(json.dumps({{"seconds": time.perf_counter() - started, "peak_above_imports
 ACTIONS = {
     "export": "export(ExportConfig(runs=({run!r},), output={output!r}, verify=True, dedupe=True, "
     "require_finish='eos', format='parquet'))",
-    "whole_rows": "RunOutput(__import__('pathlib').Path({run!r})).rows()",
+    "whole_rows": "RunOutput({run!r}).rows()",
 }
 
 

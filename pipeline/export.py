@@ -36,7 +36,6 @@ from pipeline.rows import user_message
 
 FORMATS = ("hf", "jsonl", "parquet")
 SHARD_ROWS = 50_000  # records a written file holds
-BATCH_ROWS = 10_000  # rows read into Python at a time
 # what an export writes; a new export into the same folder removes an earlier one's first
 EXPORT_OUTPUTS = ("dataset", "train.jsonl", "data", "README.md", "histograms.png")
 # what the filters, the checkers and a record read; never the per-step telemetry or token ids (BENCHMARKS.md,
@@ -181,7 +180,7 @@ def _rows(runs: list[RunOutput], label: str, progress: bool) -> Iterator[Keyed]:
 
     def keyed() -> Iterator[Keyed]:
         for number, run in enumerate(runs):
-            batches = run.batches(list(READ_COLUMNS), BATCH_ROWS)
+            batches = run.batches(list(READ_COLUMNS))
             rows = itertools.chain.from_iterable(batch.to_pylist() for batch in batches)
             yield from (((number, place), row) for place, row in enumerate(rows))
 
@@ -203,10 +202,11 @@ def _passing(rows: Iterator[Keyed], filters: list[tuple[str, Filter]], counts: l
 def export(config: ExportConfig, command: str | None = None, progress: bool = False) -> ExportReport:
     """Filter the runs' rows and write the training set and its card; returns the counts.
 
-    Rows stream through the filters ``BATCH_ROWS`` at a time and are written as they pass, so memory does not
-    grow with the rows' text: what is kept per row is a digest and a MinHash signature (``--dedupe``),
-    the prompt's best run (``--best-of``) and two numbers for the card's histograms. ``progress`` shows a
-    bar (IFEval's checkers take about 0.6 ms a row on one core: ten minutes for a million rows)."""
+    Rows stream through the filters a batch at a time (``pipeline.outputs.BATCH_ROWS``) and are written as
+    they pass, so memory does not grow with the rows' text: what is kept per row is a digest and a MinHash
+    signature (``--dedupe``), the prompt's best run (``--best-of``) and two numbers for the card's
+    histograms. ``progress`` shows a bar (IFEval's checkers take about 0.6 ms a row on one core: ten minutes
+    for a million rows)."""
     runs = _runs(config)
     report = ExportReport()
     verifier = _Verifier(config.loose)

@@ -29,6 +29,9 @@ SUMMARY = pa.struct([(name, pa.type_for_alias(kind)) for name, kind in arrow_fie
 # what an interrupted write leaves (``.<name>.parquet.partial``, see ``pipeline.sink``); never a complete file
 PARTIAL_SUFFIX = ".partial"
 
+# rows a reader of a whole run takes into Python at a time (the report's counts, export, the examples)
+BATCH_ROWS = 10_000
+
 
 @contextlib.contextmanager
 def replacing(path: Path) -> Iterator[Path]:
@@ -79,11 +82,12 @@ class RunOutput:
     def rows(self, columns: list[str] | None = None) -> list[dict[str, Any]]:
         return self.read(columns).to_pylist()
 
-    def batches(self, columns: list[str], size: int = 10_000) -> Iterator[pa.RecordBatch]:
-        """The rows, ``size`` at a time, with the ``columns`` present: a run of any length in bounded memory."""
+    def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        """The rows, ``BATCH_ROWS`` at a time, with the ``columns`` present: a run of any length in bounded
+        memory."""
         if files := self.files():
             dataset = self._dataset(files)
-            yield from dataset.to_batches(columns=self._present(dataset, columns), batch_size=size)
+            yield from dataset.to_batches(columns=self._present(dataset, columns), batch_size=BATCH_ROWS)
 
     def rows_with_ids(self, ids: Iterable[str], columns: list[str]) -> list[dict[str, Any]]:
         """The rows with these ids, read a batch at a time: a few rows of a long run, in little memory."""
@@ -96,7 +100,12 @@ class RunOutput:
 
     def count(self) -> int:
         """Rows written, from the files' footers."""
-        return sum(pq.ParquetFile(path).metadata.num_rows for path in self.files())
+        return sum(self.rows_in(path) for path in self.files())
+
+    @staticmethod
+    def rows_in(path: Path) -> int:
+        """Rows of one written file, from its footer."""
+        return pq.ParquetFile(path).metadata.num_rows
 
     @staticmethod
     def _dataset(files: list[Path]) -> pads.Dataset:

@@ -16,7 +16,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-import pyarrow.parquet as pq
 from rich import progress
 from rich.console import Console
 
@@ -73,7 +72,7 @@ class WrittenRows:
         """Rows in the complete files written since ``before`` (a file is renamed into place whole)."""
         for path in set(self.output.files()) - self.before - set(self.counted):
             try:
-                self.counted[path] = pq.ParquetFile(path).metadata.num_rows
+                self.counted[path] = RunOutput.rows_in(path)
             except (OSError, ValueError):  # removed or replaced since listed: counted next time
                 continue
         return sum(self.counted.values())

@@ -127,7 +127,7 @@ def test_rows_stream_through_in_batches_and_shards_as_they_would_in_one(runs, mo
         return datasets.load_from_disk(str(folder / name / "dataset")).to_list(), counts, 1
 
     whole, counts, files = records(f"whole-{format}")
-    monkeypatch.setattr("pipeline.export.BATCH_ROWS", 3)
+    monkeypatch.setattr("pipeline.outputs.BATCH_ROWS", 3)
     monkeypatch.setattr("pipeline.export.SHARD_ROWS", 2)
     streamed, streamed_counts, streamed_files = records(f"streamed-{format}")
     assert streamed == whole and streamed_counts == counts and len(whole) == counts[-1][1] >= 3

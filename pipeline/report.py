@@ -31,11 +31,10 @@ METRIC_NAMES = {
     "inst_loose": "instruction-level loose",
 }
 BOOTSTRAP_SAMPLES = 2000
-# what the report reads of every row; the per-step telemetry (about 125 KiB a row of 256 steps in Python) is
-# counted in Arrow, a batch at a time, and read whole only for the examples shown
-ROW_COLUMNS = [
-    "id", "status", "error", "completion", "completion_tokens", "nll", "distinct_2", "finish_reason", "span_source",
-]  # fmt: skip
+# what the report reads of every row; the text, errors and per-step telemetry (about 125 KiB a row of 256
+# steps in Python) are read only for the examples shown, and the telemetry counted in Arrow a batch at a time
+ROW_COLUMNS = ["id", "status", "completion_tokens", "nll", "distinct_2", "finish_reason", "span_source"]
+EXAMPLE_COLUMNS = ["status", "error", "telemetry"]
 
 
 def _per_prompt(scores: list[dict], method: str) -> dict[str, dict[str, Any]]:
@@ -390,11 +389,11 @@ def _image(path: Path) -> str:
     return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
 
 
-def _highlighted_completion(tokenizer, row: dict, telemetry: list[dict] | None) -> str:
+def _highlighted_completion(tokenizer, row: dict) -> str:
     """The completion with every token that steering changed highlighted."""
     if row["status"] != "ok":
         return f'<span class="error">{html.escape(row["error"] or "")}</span>'
-    steps = ((step["token"], step["changed"]) for step in telemetry or [])
+    steps = ((step["token"], step["changed"]) for step in row["telemetry"] or [])
     return "".join(
         f'<mark title="steered">{html.escape(piece)}</mark>' if changed else html.escape(piece)
         for piece, changed in steered_pieces(tokenizer, steps)
@@ -425,15 +424,15 @@ def _html(
     config = summary["config"]
     tokenizer = load_tokenizer(config["model"], trust_remote_code=config.get("trust_remote_code", False))
     sweeps = "sweep" in summary
-    inputs = {r["id"]: r for r in pq.read_table(output / "inputs.parquet").to_pylist()}
-    by_method = {m: {r["id"]: r for r in runs[m]} for m in methods}
+    by_method = {m: {r["id"] for r in runs[m]} for m in methods}
     verdicts: dict[tuple[str, str], list[tuple[str, bool]]] = defaultdict(list)
     for row in scores:
         verdicts[(row["method"], row["id"])].append((row["instruction_id"], row["strict"]))
-    ids = sorted(set.intersection(*(set(by_method[m]) for m in methods)))
+    ids = sorted(set.intersection(*by_method.values()))
     differing = [i for i in ids if len({all(v for _, v in verdicts[(m, i)]) for m in methods}) > 1]
     chosen = (differing + [i for i in ids if i not in differing])[:12]
-    telemetry = {m: {r["id"]: r["telemetry"] for r in outputs[m].rows_with_ids(chosen, ["telemetry"])} for m in methods}
+    shown = {m: {r["id"]: r for r in outputs[m].rows_with_ids(chosen, EXAMPLE_COLUMNS)} for m in methods}
+    inputs = {r["id"]: r for r in pq.read_table(output / "inputs.parquet", filters=[("id", "in", chosen)]).to_pylist()}
 
     head = "".join(f"<th>{METRIC_NAMES[m]}</th>" for m in METRICS)
     table = "".join(
@@ -448,7 +447,7 @@ def _html(
                 f'<span class="{"pass" if ok else "fail"}">{html.escape(k)}</span>'
                 for k, ok in verdicts[(method, row_id)]
             )
-            completion = _highlighted_completion(tokenizer, by_method[method][row_id], telemetry[method][row_id])
+            completion = _highlighted_completion(tokenizer, shown[method][row_id])
             cells.append(f"<td><div class='verdicts'>{marks}</div><pre>{completion}</pre></td>")
         source = inputs[row_id]
         examples.append(

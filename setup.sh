@@ -2,7 +2,8 @@
 # Create .venv in this checkout and install directer with the bundled default model.
 #   ./setup.sh          the package
 #   ./setup.sh --dev    the package plus test tools
-# TORCH_SPEC chooses the PyTorch build (default: the CPU wheel torch==2.13.0; GPU users: TORCH_SPEC=torch).
+# TORCH_SPEC chooses the PyTorch requirement (default torch==2.13.0: from PyPI on Linux, the CUDA build).
+# The CPU build: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu TORCH_SPEC=torch==2.13.0+cpu ./setup.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m venv .venv

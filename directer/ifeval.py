@@ -33,7 +33,7 @@ def load_ifeval(
     if spans == "gold":
         spans_file = source.with_name("instruction_spans.jsonl")
         if not spans_file.is_file():
-            raise FileNotFoundError(f"gold spans need {spans_file}; use spans='auto' without it")
+            raise FileNotFoundError(f"gold spans need {spans_file}; without it, detect them: --spans auto")
         gold = {r["key"]: r["instruction_spans"] for r in map(json.loads, spans_file.read_text().splitlines())}
     elif spans not in ("auto", "none"):
         raise ValueError(f"spans must be gold, auto or none, got {spans!r}")

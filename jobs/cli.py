@@ -129,6 +129,19 @@ BatchSizeOption = Annotated[
         min=1,
     ),
 ]
+ActorsOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Model copies (Ray actors); default the cluster's GPUs divided by --gpus-per-actor, or one without GPUs.",
+        min=1,
+    ),
+]
+GpusPerActorOption = Annotated[
+    float | None,
+    typer.Option(help="GPUs per actor (2 splits a model over two by layers); default 1 with GPUs.", min=0),
+]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Start over instead of resuming.")]
+JobIdArgument = Annotated[str, typer.Argument(metavar="JOB_ID", help="The job's submission id (raysubmit_...).")]
 MemoryFractionOption = Annotated[
     float, typer.Option(help="Share of an actor's device memory its batches may fill.", min=0.01, max=1.0)
 ]
@@ -313,12 +326,8 @@ def generate(
     output: Annotated[str, typer.Option("--output", "-o", help="Output folder (data/*.parquet, run.json).")],
     model: ModelOption = "smollm2-135m",
     method: MethodOption = "directer",
-    actors: Annotated[
-        int | None, typer.Option(help="Model copies (Ray actors); default one per GPU, or one without GPUs.")
-    ] = None,
-    gpus_per_actor: Annotated[
-        float | None, typer.Option(help="GPUs per actor (2 for a model that needs two); default 1 with GPUs.")
-    ] = None,
+    actors: ActorsOption = None,
+    gpus_per_actor: GpusPerActorOption = None,
     cpus_per_actor: Annotated[
         float | None, typer.Option(help="CPUs per actor; default shares the CPUs left after one for reads/writes.")
     ] = None,
@@ -346,7 +355,7 @@ def generate(
     connect_timeout: ConnectTimeoutOption = 60.0,
     actor_start_timeout: ActorStartTimeoutOption = 1800.0,
     ray_logs: RayLogsOption = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over instead of resuming.")] = False,
+    overwrite: OverwriteOption = False,
     score_nll: Annotated[
         bool, typer.Option("--score-nll", help="Store each completion's mean NLL under the unsteered model.")
     ] = False,
@@ -423,10 +432,10 @@ def evaluate(
     top_p: TopPOption = 1.0,
     top_k: TopKOption = 0,
     seed: SeedOption = 0,
-    actors: Annotated[int | None, typer.Option(help="Model copies (Ray actors); default one per GPU, or one.")] = None,
+    actors: ActorsOption = None,
     batch_size: BatchSizeOption = None,
     memory_fraction: MemoryFractionOption = 0.9,
-    gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor.")] = None,
+    gpus_per_actor: GpusPerActorOption = None,
     max_trials: MaxTrialsOption = 10,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
@@ -435,6 +444,7 @@ def evaluate(
     connect_timeout: ConnectTimeoutOption = 60.0,
     actor_start_timeout: ActorStartTimeoutOption = 1800.0,
     ray_logs: RayLogsOption = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Generate with each method, score with IFEval's checkers, write scores, summary and reports.
 
@@ -460,6 +470,7 @@ def evaluate(
             gpus_per_actor=gpus_per_actor, connect_timeout=connect_timeout, actor_start_timeout=actor_start_timeout,
             device=device, dtype=dtype, ray_logs=ray_logs, trust_remote_code=trust_remote_code,
             steering=steering, alphas=alphas if len(alphas) > 1 else (), betas=betas if len(betas) > 1 else (),
+            overwrite=overwrite,
         )  # fmt: skip
         _quiet_transformers()
         with _interruptible(RESUME):
@@ -612,7 +623,12 @@ def export(
     dedupe: Annotated[bool, typer.Option("--dedupe", help="Remove exact and near-duplicate completions.")] = False,
     require_finish: Annotated[str | None, typer.Option(help="eos: keep only completions that ended by EOS.")] = None,
     best_of: Annotated[
-        bool, typer.Option("--best-of", help="Per prompt, the verified completion with lowest NLL.")
+        bool,
+        typer.Option(
+            "--best-of",
+            help="Per prompt, of the completions that pass the other filters (--verify: its checks), the one "
+            "with the lowest NLL (runs made with --score-nll; a row without one comes last).",
+        ),
     ] = False,
 ) -> None:
     """Build a training set of chat records from generate outputs: verify, filter, dedupe, export.
@@ -639,7 +655,9 @@ def export(
 
 @app.command(cls=Command, short_help="Show the instruction spans detected in prompts.")
 def spans(
-    source: Annotated[str, typer.Argument(help="A prompt, or a .jsonl or .parquet file of input rows.")],
+    source: Annotated[
+        str, typer.Argument(metavar="SOURCE", help="A prompt, or a .jsonl or .parquet file of input rows.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt.")] = False,
     limit: LimitOption = None,
 ) -> None:
@@ -726,8 +744,13 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to end.")] = False,
     follow: Annotated[bool, typer.Option("--follow", help="Stream the job's logs until it ends.")] = False,
     unreachable_timeout: UnreachableOption = 120.0,
-    env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE set in the job's environment (repeatable).")] = None,
-    pip: Annotated[list[str] | None, typer.Option(help="Extra pip requirement for the job (repeatable).")] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(metavar="KEY=VALUE", help="A variable set in the job's environment (repeatable)."),
+    ] = None,
+    pip: Annotated[
+        list[str] | None, typer.Option(metavar="REQUIREMENT", help="Extra pip requirement for the job (repeatable).")
+    ] = None,
 ) -> None:
     """Submit a directer command as a Ray job.
 
@@ -779,7 +802,7 @@ app.add_typer(jobs_app, name="jobs")
 
 
 @jobs_app.command("status", cls=Command)
-def job_status(job_id: str, address: DashboardOption = None) -> None:
+def job_status(job_id: JobIdArgument, address: DashboardOption = None) -> None:
     """Print the job's status.
 
     \b
@@ -796,7 +819,7 @@ def job_status(job_id: str, address: DashboardOption = None) -> None:
 
 @jobs_app.command("logs", cls=Command)
 def job_logs(
-    job_id: str,
+    job_id: JobIdArgument,
     address: DashboardOption = None,
     follow: Annotated[bool, typer.Option("--follow", help="Stream until the job ends.")] = False,
     unreachable_timeout: UnreachableOption = 120.0,
@@ -820,7 +843,7 @@ def job_logs(
 
 
 @jobs_app.command("stop", cls=Command)
-def job_stop(job_id: str, address: DashboardOption = None) -> None:
+def job_stop(job_id: JobIdArgument, address: DashboardOption = None) -> None:
     """Stop the job.
 
     \b

@@ -24,7 +24,7 @@ from pipeline.config import GenerateConfig
 from pipeline.inputs import JSON_SUFFIXES, READ_ERROR, InputError, read_json_rows, rows_to_table
 from pipeline.outputs import RunOutput, replacing
 from pipeline.rows import user_message
-from pipeline.run import generate
+from pipeline.run import check_resumable, generate
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class EvalConfig:
 
     ``alphas``/``betas``: a sweep (the paper's sensitivity analysis): every method that has the field
     runs at each value (a grid when both are given); empty, the steering config's own value.
+    ``overwrite``: start every run over; without it a rerun resumes, and one that would change the rows
+    or the configuration of what the folder holds is refused before anything is written.
     """
 
     benchmark: str = "ifeval"
@@ -57,6 +59,7 @@ class EvalConfig:
     trust_remote_code: bool = False
     alphas: tuple[float, ...] = ()
     betas: tuple[float, ...] = ()
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(STEERERS)
@@ -123,39 +126,65 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     from pipeline.report import build_report
 
     output = Path(config.output)
-    rows = load_rows(config)  # before the output folder exists: bad input leaves nothing behind
-    output.mkdir(parents=True, exist_ok=True)
     inputs = output / "inputs.parquet"
-    pq.write_table(rows_to_table(rows), inputs)
+    table = rows_to_table(load_rows(config))
     variants = config.variants()
+    runs = [run_config(config, label, steering, inputs) for label, steering in variants.items()]
+    # before anything is written: bad input or a changed configuration leaves the folder as it was
+    if not config.overwrite:
+        check_inputs_kept(inputs, table)
+        for run in runs:
+            check_resumable(run, [str(inputs.resolve())])
+    output.mkdir(parents=True, exist_ok=True)
+    with replacing(inputs) as partial:
+        pq.write_table(table, partial)
     record = {**asdict(config), "variants": {label: steering.to_dict() for label, steering in variants.items()}}
     with replacing(output / "eval.json") as partial:
         partial.write_text(json.dumps(record, indent=2, default=str))
-    for label, steering in variants.items():
-        run = GenerateConfig(
-            inputs=(str(inputs),),
-            output=str(RunOutput.of_method(output, label).folder),
-            model=config.model,
-            steering=steering,
-            actors=config.actors,
-            batch_size=config.batch_size,
-            memory_fraction=config.memory_fraction,
-            ranking_cache=str(output / "ranking_cache"),
-            address=config.address,
-            connect_timeout=config.connect_timeout,
-            device=config.device,
-            dtype=config.dtype,
-            ray_logs=config.ray_logs,
-            actor_start_timeout=config.actor_start_timeout,
-            gpus_per_actor=config.gpus_per_actor,
-            # IFEval's rows carry their spans (gold or detected); a user's own rows are read as generate reads them
-            spans="none" if config.benchmark == "ifeval" or config.spans == "gold" else config.spans,
-            score_nll=True,
-            trust_remote_code=config.trust_remote_code,
-        )
+    for run in runs:
         generate(run, progress=progress)
     score_runs(output, list(variants))
     return build_report(output)
+
+
+def run_config(config: EvalConfig, label: str, steering: SteeringConfig, inputs: Path) -> GenerateConfig:
+    """The ``directer generate`` run of one method (or point of a sweep) in ``runs/<label>``."""
+    return GenerateConfig(
+        inputs=(str(inputs),),
+        output=str(RunOutput.of_method(inputs.parent, label).folder),
+        model=config.model,
+        steering=steering,
+        actors=config.actors,
+        batch_size=config.batch_size,
+        memory_fraction=config.memory_fraction,
+        ranking_cache=str(inputs.parent / "ranking_cache"),
+        address=config.address,
+        connect_timeout=config.connect_timeout,
+        device=config.device,
+        dtype=config.dtype,
+        ray_logs=config.ray_logs,
+        actor_start_timeout=config.actor_start_timeout,
+        gpus_per_actor=config.gpus_per_actor,
+        # IFEval's rows carry their spans (gold or detected); a user's own rows are read as generate reads them
+        spans="none" if config.benchmark == "ifeval" or config.spans == "gold" else config.spans,
+        score_nll=True,
+        trust_remote_code=config.trust_remote_code,
+        overwrite=config.overwrite,
+    )
+
+
+def check_inputs_kept(inputs: Path, table: pa.Table) -> None:
+    """A rerun may add prompts (a larger ``--limit``) but not drop or change those the runs already hold:
+    their rows would be scored against prompts that are no longer there."""
+    if not inputs.is_file():
+        return
+    now = {row["id"]: row for row in table.to_pylist()}
+    changed = [row["id"] for row in pq.read_table(inputs).to_pylist() if now.get(row["id"]) != row]
+    if changed:
+        raise ValueError(
+            f"{inputs.parent} holds an evaluation of prompts this one drops or changes ({len(changed)}, first "
+            f"{changed[0]}): rerun with --overwrite to start over there, or choose another --output"
+        )
 
 
 def score_runs(output: Path, methods: tuple[str, ...] | list[str]) -> pa.Table:

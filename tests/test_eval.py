@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -73,6 +75,30 @@ def test_a_rerun_of_a_finished_evaluation_keeps_the_measured_throughput(evaluati
     assert again["accuracy"] == summary["accuracy"]
     for method, measured in summary["throughput"].items():
         assert again["throughput"][method] == measured and measured["tokens_per_second"] > 0
+
+
+def test_a_rerun_that_would_change_the_rows_or_the_config_is_refused_until_overwrite(evaluation, tmp_path):
+    """Fewer prompts or another max_new_tokens in a finished evaluation's folder: refused before anything is
+    written (the runs' rows would be scored against prompts no longer there, or mix two configurations);
+    with overwrite the folder holds the new evaluation alone."""
+    output = tmp_path / "moved"
+    shutil.copytree(evaluation[0], output)  # a folder moved with its inputs resumes as it would in place
+    before = {name: (output / name).read_bytes() for name in ("eval.json", "inputs.parquet", "summary.json")}
+    fewer = EvalConfig(output=str(output), limit=2, steering=SteeringConfig(max_new_tokens=12), batch_size=4)
+    longer = EvalConfig(output=str(output), limit=LIMIT, steering=SteeringConfig(max_new_tokens=13), batch_size=4)
+    with pytest.raises(ValueError, match=r"drops or changes \(4, first .*--overwrite"):
+        evaluate(fewer, progress=False)
+    with pytest.raises(ValueError, match=r"max_new_tokens 12 -> 13\).*--overwrite"):
+        evaluate(longer, progress=False)
+    assert {name: (output / name).read_bytes() for name in before} == before
+
+    summary = evaluate(replace(fewer, methods=("zero-shot",), overwrite=True), progress=False)
+    assert summary["accuracy"]["zero-shot"]["prompts"] == 2
+    assert (
+        pq.read_table(output / "inputs.parquet").num_rows
+        == pads.dataset(output / "runs" / "zero-shot" / "data").count_rows()
+        == 2
+    )
 
 
 def test_users_own_rows_in_every_form_are_steered(tmp_path):

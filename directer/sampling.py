@@ -46,8 +46,9 @@ def uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Sampler:
     """temperature 0: greedy (argmax). Otherwise softmax(logits / temperature), truncated to the
-    ``top_k`` most probable tokens (0: all) and to the smallest set whose probability reaches ``top_p``,
-    then drawn by inverse CDF with the row's uniform number."""
+    ``top_k`` most probable tokens (0: all), renormalised, and truncated to the smallest set whose
+    probability reaches ``top_p`` (``transformers``' warpers in ``generate``'s order), then drawn by inverse
+    CDF with the row's uniform number."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -66,6 +67,7 @@ class Sampler:
         probs, order = probs.sort(dim=-1, descending=True)
         if self.top_k:
             probs[..., self.top_k :] = 0
+            probs = probs / probs.sum(dim=-1, keepdim=True)  # top_p is a share of what top_k kept, as in transformers
         if self.top_p < 1:
             before = probs.cumsum(dim=-1) - probs  # mass of the more probable tokens
             probs = probs.masked_fill(before >= self.top_p, 0)

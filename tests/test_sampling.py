@@ -8,6 +8,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 from conftest import tiny_model
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from directer import SteeringConfig
 from directer.engine import Engine, Request
@@ -34,23 +35,25 @@ def test_draws_are_splitmix64_of_key_and_step():
     assert len(set(keys[:3])) == 3  # seed and id both change the key
 
 
-def test_sampler_draws_each_token_with_its_truncated_probability():
+def test_sampler_draws_each_token_with_the_probability_transformers_warpers_give_it():
+    """Each token is drawn as often as ``generate``'s temperature, top-k and top-p warpers (in that order)
+    make it likely: with top_k=2 and top_p=0.7, top-p measures the two kept tokens' renormalised mass, where
+    the first has 0.73, and keeps one (it kept both measured on the whole distribution, where it has 0.56)."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     grid = (torch.arange(10_000, dtype=torch.float64) + 0.5) / 10_000  # evenly spaced draws: exact quantiles
-    for sampler, kept in [(Sampler(1.0), 6), (Sampler(0.7, top_k=3), 3), (Sampler(1.0, top_p=0.8), None)]:
-        probs = torch.softmax(logits / sampler.temperature, dim=-1)
+    samplers = [Sampler(1.0), Sampler(0.7, top_k=3), Sampler(1.0, top_p=0.8), Sampler(1.0, top_k=2, top_p=0.7)]
+    for sampler, kept in zip(samplers, [6, 3, 3, 1]):
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(sampler.temperature)])
         if sampler.top_k:
-            probs[sampler.top_k :] = 0
+            warpers.append(TopKLogitsWarper(sampler.top_k))
         if sampler.top_p < 1:
-            before = probs.cumsum(0) - probs
-            probs[before >= sampler.top_p] = 0
-            kept = int((probs > 0).sum())
-        probs = probs / probs.sum()
+            warpers.append(TopPLogitsWarper(sampler.top_p))
+        probs = torch.softmax(warpers(torch.zeros(1, 1, dtype=torch.long), logits[None].clone())[0], dim=-1)
         tokens = sampler.choose(logits.expand(len(grid), -1), grid)
         assert sampler.choose(logits.expand(len(grid), 2, -1), grid).tolist() == torch.stack([tokens] * 2, 1).tolist()
         counts = torch.bincount(tokens, minlength=6).double() / len(grid)
         assert torch.allclose(counts, probs.double(), atol=2e-4)
-        assert int((counts > 0).sum()) == kept
+        assert int((counts > 0).sum()) == int((probs > 0).sum()) == kept
     assert Sampler(0.0).choose(logits[None], None).tolist() == [0]
 
 

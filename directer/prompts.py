@@ -123,7 +123,9 @@ def build_prompt(
 
     Give the instruction as a substring of the last user message (its first occurrence is steered;
     with ``messages``, a system message is searched when the user message lacks it), or as character
-    ``spans`` of the last user message; with neither, nothing is steered.
+    ``spans`` of the last user message; with neither, nothing is steered. Without a chat template
+    (``chat_template=False`` or a tokenizer with none) the text is the user message alone, so a system
+    message or earlier turns are refused rather than dropped.
     """
     if messages is not None:
         turns, message = _check_messages(messages)
@@ -151,6 +153,12 @@ def build_prompt(
         offset = text.rfind(target) if role == "user" else text.find(target)
         if offset < 0:
             raise PromptError("the chat template rewrites the message; cannot place the instruction in it")
+    elif len(turns) > 1:
+        # the text would be the last user message alone: the other turns (and a system instruction) lost
+        raise PromptError(
+            "the tokenizer has no chat template to join turns with; give one user message and no system message",
+            "messages" if messages is not None else "system",
+        )
     else:
         text, offset = message, 0
     char_spans = [(start + offset, end + offset) for start, end in message_spans]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from directer.prompts import SpanError, build_prompt, check_spans
+from directer.prompts import PromptError, SpanError, build_prompt, check_spans
 
 
 def test_instruction_maps_to_its_tokens(smollm2):
@@ -45,6 +45,18 @@ def test_without_template_the_text_is_the_message(smollm2):
     prompt = build_prompt(smollm2.tokenizer, "Say hi. Be brief.", instruction="Be brief.", chat_template=False)
     assert prompt.text == "Say hi. Be brief."
     assert prompt.char_spans == [(8, 17)]
+
+
+def test_without_template_turns_that_would_be_lost_are_refused(smollm2):
+    """Without a template the text is the user message alone: a system message (holding the instruction, or
+    not) or earlier turns would silently vanish, and spans found in the system message land on the user's."""
+    chat = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Tell me about Paris."}]
+    with pytest.raises(PromptError, match="^messages: the tokenizer has no chat template"):
+        build_prompt(smollm2.tokenizer, messages=chat, instruction="Answer in French.", chat_template=False)
+    with pytest.raises(PromptError, match="^system: the tokenizer has no chat template"):
+        build_prompt(smollm2.tokenizer, "Say hi.", system="Be brief.", chat_template=False)
+    alone = build_prompt(smollm2.tokenizer, messages=chat[1:], instruction="Paris", chat_template=False)
+    assert alone.text == "Tell me about Paris." and alone.char_spans == [(14, 19)]
 
 
 def test_a_prompt_past_the_context_is_refused_by_the_library_and_the_cli(smollm2):

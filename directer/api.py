@@ -17,7 +17,7 @@ from typing import Any, overload
 import torch
 
 from directer.config import SteeringConfig
-from directer.engine import Engine, Generation, KernelChoice, Request
+from directer.engine import Engine, Generation, KernelChoice, Request, check_batch_size
 from directer.memory import MemoryPlan, ModelShape, device_budget, plan_memory
 from directer.models import DEFAULT_MODEL, LoadedModel, load_model
 from directer.prompts import Prompt, SpanMode, check_fits, prompt_from_row
@@ -146,6 +146,7 @@ class Directer:
 
         Raises :class:`PromptError` before decoding anything when a prompt would not fit the model's
         context, and :class:`~directer.memory.MemoryPlanError` when the batch would not fit memory."""
+        check_batch_size(batch_size)
         if not prompts:
             return []
         for prompt in prompts:

@@ -86,13 +86,20 @@ class Generation:
         self.summary = SteeringSummary.of(self.telemetry)
 
 
+def check_batch_size(batch_size: int | None) -> None:
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 (None: chosen), got {batch_size}")
+
+
 class Engine:
     """Batched steered decoding on one ``transformers`` causal LM.
 
     kernel: how packed trial and probe passes attend: ``sdpa`` (one fused call, what GPUs want),
         ``matmul`` (the product written out: faster on a CPU for a few queries per row, and what
         models that soft-cap their logits need), or ``auto`` (``sdpa`` off-CPU, ``matmul`` on a CPU).
-        Prefill and raw-only passes always use SDPA. Both kernels give the same tokens up to rounding.
+        Unsteered attention in prefill and raw-only passes uses SDPA whatever the kernel; a stream
+        method's steered copy follows it, and SpotLight's (which reads the weights) and a model that
+        soft-caps its logits always write the product out. Both kernels give the same tokens up to rounding.
     max_guesses: speculative next raw tokens per settling step (see ``MAX_GUESSES``).
     """
 
@@ -107,6 +114,10 @@ class Engine:
     ) -> None:
         if kernel not in get_args(KernelChoice):
             raise ValueError(f"kernel must be auto, sdpa or matmul, got {kernel!r}")
+        if max_guesses < 1:
+            raise ValueError(
+                f"max_guesses must be at least 1 (a settling pass guesses the next token), got {max_guesses}"
+            )
         self.model = model.eval()
         self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=model.device)
         self.pad_token_id = pad_token_id
@@ -120,6 +131,7 @@ class Engine:
     ) -> list[Generation]:
         """Decode ``requests``, at most ``batch_size`` at a time (default all), a finished row's place
         taken by the next request in order; each row gets the tokens it would get alone."""
+        check_batch_size(batch_size)
         if not requests:
             return []
         for index, request in enumerate(requests):

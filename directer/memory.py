@@ -128,8 +128,8 @@ class MemoryPlan:
         raise MemoryPlanError(
             f"a batch of {rows} rows of {self.prompt_tokens} prompt + {self.max_new_tokens} new tokens needs "
             f"{self.total(rows) / GIB:.2f} GiB (weights {self.weights / GIB:.2f} GiB), over the budget of "
-            f"{self.budget / GIB:.2f} GiB: {advice}; lower --batch-size or --max-new-tokens, or leave "
-            "--batch-size unset to have it chosen"
+            f"{self.budget / GIB:.2f} GiB: {advice}; lower the batch size (--batch-size) or max_new_tokens, "
+            "or leave the batch size unset to have it chosen"
         )
 
     def to_dict(self) -> dict[str, object]:

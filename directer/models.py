@@ -85,9 +85,10 @@ class UnsupportedModelError(ValueError):
 
 
 def check_supported(name: str, config: PretrainedConfig) -> None:
-    """Refuse quantised checkpoints (bitsandbytes, GPTQ, AWQ, ...): the engine's attention and its CPU
-    linears read projections and weights as ordinary tensors, and no quantised model has been checked
-    token for token against the reference; a wrong steer would pass silently, a refusal does not."""
+    """Refuse quantised checkpoints (bitsandbytes, GPTQ, AWQ, ...): no quantised model has been checked
+    token for token against the reference (their kernels dequantise weights on the fly, and the
+    reference's fp32 tokens are what steering is checked against); a wrong steer would pass silently, a
+    refusal does not."""
     quantization = getattr(config, "quantization_config", None)
     if quantization:
         method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
@@ -157,7 +158,9 @@ def _device(name: str) -> torch.device:
     if device.type not in available:
         raise ValueError(f"device {name!r} is not supported: use cpu, cuda, cuda:N or mps")
     if not available[device.type]():
-        raise ValueError(f"device {name!r}: torch sees no {device.type} device on this machine; use --device cpu")
+        raise ValueError(
+            f"device {name!r}: torch sees no {device.type} device on this machine; use device cpu (--device cpu)"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device

@@ -17,8 +17,11 @@ FinishReason = Literal["stop", "length"]
 class StepTelemetry:
     """What happened at one decoding step of one row (``layers == 0``: no steered token emitted).
 
-    raw_token, raw_prob, top2_prob: the unsteered top-1 token, its probability, the second-best's.
-    trials: steered passes run; layers: the layer count of the one emitted (0: none was).
+    raw_token: the unsteered token (its top-1, or its draw when sampling); raw_prob, top2_prob: the
+    unsteered top-1's probability and the second-best's (the gate's inputs).
+    trials: steered variants tried, counted as the sequential loop of DESIGN.md counts them (up to and
+    including the accepted one; a batched schedule may compute more in the same pass);
+    layers: the layer count of the one emitted (0: none was).
     token, token_raw_prob: the emitted token and its unsteered probability.
     """
 
@@ -39,7 +42,7 @@ class StepTelemetry:
 
     @property
     def fell_back(self) -> bool:
-        """Steered passes ran and none was plausible: the raw top-1 was emitted."""
+        """Steered variants were tried and none was plausible: the raw token was emitted."""
         return self.trials > 0 and self.layers == 0
 
 

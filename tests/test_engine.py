@@ -217,6 +217,10 @@ def test_bad_requests_are_rejected():
         engine.generate([Request([])], SteeringConfig())
     with pytest.raises(ValueError, match="span positions"):
         engine.generate([Request([5, 6, 7], [3])], SteeringConfig())
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        engine.generate([Request([5, 6, 7], [1])], SteeringConfig(), batch_size=0)
+    with pytest.raises(ValueError, match="max_guesses must be at least 1"):
+        Engine(tiny_model("llama"), [1], 0, max_guesses=0)
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "matmul"])

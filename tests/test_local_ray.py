@@ -91,7 +91,7 @@ def test_actors_that_fail_to_load_the_model_say_why(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         "error: the model actors could not start: ValueError: device 'cuda': torch sees no cuda device on this "
-        "machine; use --device cpu"
+        "machine; use device cpu (--device cpu)"
     )
 
 

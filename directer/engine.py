@@ -62,7 +62,7 @@ MAX_GUESSES = 3
 class Request:
     """One row to decode: prompt token ids and the token positions of the instruction.
 
-    ``ranking``: a layer order from an earlier run of the same prompt, span, alpha and ranking rule
+    ``ranking``: a layer order from an earlier run of the same prompt, span, key scale and ranking rule
     (skips the probes). ``sample_key``: the key of the row's draws when sampling
     (:func:`directer.sampling.row_key`).
     """

@@ -111,7 +111,7 @@ class LoadedModel:
 
     @property
     def identity(self) -> str:
-        """What the outputs of a run depend on: the model's name, source and dtype."""
+        """What the outputs of a run depend on: the model as named (alias, Hugging Face id or path) and its dtype."""
         return f"{self.name}@{self.model.dtype}".replace("torch.", "")
 
     @property

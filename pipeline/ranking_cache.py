@@ -1,6 +1,7 @@
 """Layer rankings that outlive a run: Parquet files in one folder, shared by every actor.
 
-A ranking depends on the model, the prompt's token ids, the steered span, ``alpha`` and the ranking
+A ranking depends on the model, the prompt's token ids, the steered span, the factor the probes scale
+the span's keys by (the steerer's ``key_scale``: ``alpha`` for every built-in method) and the ranking
 rule (``caused`` or ``received``) only, so a rerun, or a run with another ``beta`` or token budget,
 reuses it. Each actor reads the folder when it
 starts and adds one new file per batch (written under a hidden name, then renamed).
@@ -23,10 +24,10 @@ SCHEMA = pa.schema([("key", pa.string()), ("ranking", pa.list_(pa.int16()))])
 
 
 class RankingCache:
-    def __init__(self, folder: Path, model_identity: str, alpha: float, ranking: str) -> None:
+    def __init__(self, folder: Path, model_identity: str, key_scale: float, ranking: str) -> None:
         self.folder = folder
         self.model_identity = model_identity
-        self.alpha = alpha
+        self.key_scale = key_scale
         self.ranking = ranking
         self.rankings: dict[str, list[int]] = {}
         self.pending: dict[str, list[int]] = {}
@@ -39,7 +40,7 @@ class RankingCache:
             self.rankings.update(zip(table.column("key").to_pylist(), table.column("ranking").to_pylist()))
 
     def key(self, prompt: Prompt) -> str:
-        blob = json.dumps([self.model_identity, prompt.token_ids, prompt.span, self.alpha, self.ranking])
+        blob = json.dumps([self.model_identity, prompt.token_ids, prompt.span, self.key_scale, self.ranking])
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def get(self, prompt: Prompt) -> list[int] | None:

@@ -78,14 +78,10 @@ class GenerateStage:
             gpus=max(1, math.ceil(config.gpus_per_actor or 1)) if device.startswith("cuda") else 1,
         )  # fmt: skip
         self.steering = config.steering
+        steerer = config.steering.steerer  # a ranking depends on what the probes do: scale keys by key_scale
         self.cache = (
-            RankingCache(
-                config.ranking_cache_dir,
-                self.directer.loaded.identity,
-                config.steering.alpha,
-                config.steering.ranking,
-            )
-            if config.steering.steerer.ranking is not None
+            RankingCache(config.ranking_cache_dir, self.directer.loaded.identity, steerer.key_scale, steerer.ranking)
+            if steerer.ranking is not None
             else None
         )
         self.constant = {

@@ -60,10 +60,10 @@ def measure(args: argparse.Namespace) -> dict[str, int]:
 def planned(args: argparse.Namespace) -> dict[str, int]:
     from directer.config import SteeringConfig
     from directer.memory import ModelShape, plan_memory
-    from directer.models import default_device_dtype, model_config
+    from directer.models import model_config, parse_dtype
 
     config = model_config(args.model)
-    _, dtype = default_device_dtype("cpu", args.dtype)
+    dtype = parse_dtype(args.dtype)
     steering = SteeringConfig(method=args.method, max_new_tokens=args.max_new_tokens)
     plan = plan_memory(ModelShape.of(config, dtype), steering, args.prompt_tokens, span_tokens=args.span_tokens)
     return {"loaded": plan.runtime + plan.weights, "batch": plan.batch_bytes(args.batch_size)}

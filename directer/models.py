@@ -131,16 +131,24 @@ def cache_dir() -> Path:
 
 
 def default_device_dtype(device: str | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
-    """CUDA + bf16 when a GPU is there, else CPU + fp32; either may be overridden."""
+    """CUDA when a GPU is there, else the CPU, in the device's default dtype; either may be overridden."""
     resolved = _device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        return resolved, torch.bfloat16 if resolved.type == "cuda" else torch.float32
+    return resolved, default_dtype(resolved.type) if dtype is None else parse_dtype(dtype)
+
+
+def default_dtype(device_type: str) -> torch.dtype:
+    """bf16 on a GPU (what checkpoints are trained in, half the memory), fp32 on a CPU (where bf16 products
+    are slow)."""
+    return torch.bfloat16 if device_type == "cuda" else torch.float32
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, str):
         names = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
         dtype = getattr(torch, names.get(dtype, dtype), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16 (or fp32, fp16, bf16)")
-    return resolved, dtype
+    return dtype
 
 
 def _device(name: str) -> torch.device:

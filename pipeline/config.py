@@ -78,9 +78,18 @@ class GenerateConfig:
         batching refills finished rows from the same call; a CPU actor one batch (on a CPU, where a pass
         costs about its tokens, continuous batching measured 4-8% slower than static batches:
         BENCHMARKS.md)."""
-        gpu = bool(self.gpus_per_actor) or (self.device or "").startswith("cuda")
+        gpu = (self.actor_device or "").startswith("cuda")
         batch = self.batch_size or MAX_AUTO_BATCH["cuda" if gpu else "cpu"]
         return 4 * batch if gpu else batch
+
+    @property
+    def actor_device(self) -> str | None:
+        """Where an actor decodes: ``device``; else CUDA when actors hold GPUs, the CPU when they hold none
+        (``--gpus-per-actor 0``), and ``None`` (CUDA if the cluster has GPUs) until ``gpus_per_actor`` is
+        filled in from the cluster's resources."""
+        if self.device or self.gpus_per_actor is None:
+            return self.device
+        return "cuda" if self.gpus_per_actor else "cpu"
 
     @property
     def output_dir(self) -> Path:

@@ -10,7 +10,7 @@ import torch
 
 from directer.config import SteeringConfig
 from directer.memory import GIB, MemoryPlan, ModelShape, device_budget, plan_memory
-from directer.models import default_device_dtype, load_tokenizer, model_config
+from directer.models import default_dtype, load_tokenizer, model_config, parse_dtype
 from directer.prompts import PromptError, prompt_from_row
 from pipeline.inputs import JSON_SUFFIXES, InputError, read_json_rows
 
@@ -54,9 +54,7 @@ def plan_run(
     templated and tokenized, or for ``prompt_tokens``. ``memory_gib`` plans for a device of that size
     (one this machine may not have); else the device's own memory is the budget."""
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # the default dtypes of load_model: bf16 on a GPU, fp32 on a CPU (the device need not be here)
-    default = torch.bfloat16 if target.type == "cuda" else torch.float32
-    resolved_dtype = default_device_dtype("cpu", dtype)[1] if dtype else default
+    resolved_dtype = parse_dtype(dtype) if dtype else default_dtype(target.type)  # the device need not be here
     config = model_config(model, trust_remote_code)
     prompts = None
     if inputs:

@@ -75,7 +75,7 @@ def check_model(config: GenerateConfig) -> None:
     if config.address or os.environ.get("RAY_ADDRESS"):
         return  # the actors' devices are elsewhere: each batch is checked there before it runs
     try:
-        device, dtype = default_device_dtype(config.device or ("cuda" if config.gpus_per_actor else None), config.dtype)
+        device, dtype = default_device_dtype(config.actor_device, config.dtype)
     except ValueError:
         return  # no such device here: the actors say so (or wait for one) themselves
     fraction = config.memory_fraction * min(1.0, config.gpus_per_actor or 1.0)

@@ -66,7 +66,7 @@ class GenerateStage:
 
         from directer import Directer
 
-        device = config.device or ("cuda" if config.gpus_per_actor else "cpu")
+        device = config.actor_device or "cpu"  # the cluster's resources have filled in gpus_per_actor
         if device == "cpu" and config.threads_per_actor:
             torch.set_num_threads(config.threads_per_actor)
         self.config = config

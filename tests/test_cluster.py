@@ -53,3 +53,16 @@ def test_cpu_actors_leave_a_cpu_for_reads_and_writes():
 def test_explicit_choices_win():
     planned = plan({"CPU": 16, "GPU": 2}, actors=6, gpus_per_actor=0.5, cpus_per_actor=2.0)
     assert (planned.actors, planned.gpus_per_actor, planned.cpus_per_actor) == (6, 0.5, 2.0)
+
+
+def test_the_actors_device_follows_their_gpus_and_an_explicit_device_wins():
+    """The one rule the early memory check, the actors and the rows per call all read: with
+    ``--gpus-per-actor 0`` on a GPU machine the actors decode on the CPU, so the check plans for the CPU."""
+    assert plan({"CPU": 8, "GPU": 2}).actor_device == "cuda"
+    assert plan({"CPU": 8, "GPU": 2}, gpus_per_actor=0).actor_device == "cpu"
+    assert plan({"CPU": 8}).actor_device == "cpu"
+    assert plan({"CPU": 8, "GPU": 2}, device="cpu").actor_device == "cpu"
+    unplanned = GenerateConfig(inputs=("x",), output="y")
+    assert unplanned.actor_device is None  # before the cluster is asked: CUDA where there are GPUs
+    assert plan({"CPU": 8, "GPU": 2}, batch_size=8).rows_per_call == 32  # a GPU actor refills from one call
+    assert plan({"CPU": 8, "GPU": 2}, batch_size=8, device="cpu").rows_per_call == 8

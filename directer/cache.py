@@ -12,6 +12,12 @@ import copy
 import torch
 
 
+def scratch_slots(tokens_per_row: int, span_width: int) -> int:
+    """Slots past a row's end for a packed pass: its own tokens, then the scaled instruction keys (none
+    when passes carry one token a row)."""
+    return tokens_per_row + span_width if tokens_per_row else 0
+
+
 class KVCache:
     """Preallocated keys and values of every layer, one slot per position, left-padded rows.
 
@@ -46,7 +52,7 @@ class KVCache:
         self.span_slots, self.span_valid = self._gathered(span)
         self.span_keys: dict[tuple[int, float], torch.Tensor] = {}
         self.span_values: dict[tuple[int, float], torch.Tensor] = {}
-        self.scratch = tokens_per_row + self.span_width if tokens_per_row else 0
+        self.scratch = scratch_slots(tokens_per_row, self.span_width)
 
     def _gathered(self, span: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         slot_ids = torch.arange(span.shape[1], device=span.device).expand_as(span)

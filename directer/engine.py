@@ -58,6 +58,12 @@ PADDED_LOGIT_ROWS = range(8, 16)
 MAX_GUESSES = 3
 
 
+def trial_tokens(layer_sets: list[int], stream: bool, max_guesses: int = MAX_GUESSES) -> int:
+    """Tokens a row brings to the pass that settles its step: its steered variants and the guesses of its
+    next raw token; 0 for a method without trials (no layer sets, or a stream method's steered copy)."""
+    return len(layer_sets) + max_guesses if layer_sets and not stream else 0
+
+
 @dataclass
 class Request:
     """One row to decode: prompt token ids and the token positions of the instruction.
@@ -204,7 +210,7 @@ class _Decoding:
         # every row is left-padded to the longest prompt of all requests, so any may take any cache row
         self.width = max(len(r.prompt_ids) for r in requests)
         self.layer_sets = self.steerer.layer_sets(engine.num_layers)
-        tokens_per_row = len(self.layer_sets) + engine.max_guesses if self.layer_sets else 0
+        tokens_per_row = trial_tokens(self.layer_sets, self.steerer.stream, engine.max_guesses)
         # a stream method's steered stream: a second copy of every row, the second half of the cache rows
         self.streams = 2 if self.steerer.stream else 1
         self.sampler = Sampler(config.temperature, config.top_p, config.top_k)
@@ -216,7 +222,7 @@ class _Decoding:
         ids, pad, span, self.rows = self._new_rows(first)
         self.cache = KVCache(
             pad.repeat(self.streams), span.repeat(self.streams, 1), self.width + config.max_new_tokens,
-            0 if self.steerer.stream else tokens_per_row, prompt_end=self.width,
+            tokens_per_row, prompt_end=self.width,
             span_width=max(len(set(r.span)) for r in requests),
         )  # fmt: skip
         self.prompts: _Prompts | None = None

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from directer.cache import scratch_slots
 from directer.config import SteeringConfig
-from directer.engine import MAX_GUESSES
+from directer.engine import trial_tokens
 
 GIB = 1024**3
 MIB = 1024**2
@@ -144,7 +145,6 @@ def plan_memory(
     span_tokens: int | None = None,
     device: str = "cpu",
     budget: int | None = None,
-    max_guesses: int = MAX_GUESSES,
 ) -> MemoryPlan:
     """The engine's memory for rows of ``prompt_tokens`` (the batch's longest prompt) with instructions of
     ``span_tokens`` (default: the whole prompt, an upper bound) under ``steering``."""
@@ -154,18 +154,19 @@ def plan_memory(
     layer_sets = steerer.layer_sets(s.layers)
     streams = 2 if steerer.stream else 1
     # tokens one row brings to a packed pass: its trials and next-token guesses (else its raw token)
-    pass_tokens = len(layer_sets) + max_guesses if layer_sets and not steerer.stream else 1
-    scratch = pass_tokens + span if layer_sets and not steerer.stream else 0
+    trials = trial_tokens(layer_sets, steerer.stream)
+    pass_tokens = trials or 1
+    scratch = scratch_slots(trials, span)
     slots = prompt_tokens + steering.max_new_tokens + scratch
     per_token_kv = s.layers * 2 * s.kv_heads * s.head_dim * s.dtype_bytes
     per_row = {"kv_cache": streams * slots * per_token_kv}
-    if layer_sets and not steerer.stream:
+    if trials:
         per_row["instruction_keys"] = span * per_token_kv  # scaled keys and their values, every layer
         per_row["raw_probs"] = s.vocab * 4
     # a decoding pass: float32 logits of every packed token (a half-precision model's own logits besides),
     # the variants' logits gathered, and one layer's written-out attention scores (scores, mask, softmax)
     logits = pass_tokens * s.vocab * (4 + (s.dtype_bytes if s.dtype_bytes != 4 else 0))
-    gathered = (pass_tokens - max_guesses if layer_sets and not steerer.stream else 0) * s.vocab * 4
+    gathered = (len(layer_sets) if trials else 0) * s.vocab * 4
     scores = streams * s.heads * pass_tokens * slots * 4 * 3
     decode = logits + gathered + scores + streams * pass_tokens * (2 * s.hidden + 3 * s.intermediate) * s.dtype_bytes
     prefill = _prefill_bytes(s, prompt_tokens, False)

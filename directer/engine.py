@@ -204,7 +204,7 @@ class _Decoding:
     request (continuous batching: the batch keeps its size until the input runs out); then the batch
     shrinks as rows finish."""
 
-    def __init__(self, engine: Engine, requests: Sequence[Request], config: SteeringConfig, slots: int) -> None:
+    def __init__(self, engine: Engine, requests: Sequence[Request], config: SteeringConfig, batch_size: int) -> None:
         self.engine, self.requests, self.config = engine, requests, config
         self.steerer = config.steerer
         # every row is left-padded to the longest prompt of all requests, so any may take any cache row
@@ -217,9 +217,9 @@ class _Decoding:
         self.rankings: list[list[int] | None] = [None] * len(requests)
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.finished: dict[int, FinishReason] = {}
-        first = list(range(min(slots, len(requests))))
+        first = list(range(min(batch_size, len(requests))))
         self.waiting = list(range(len(first), len(requests)))  # request indices, in the order given
-        ids, pad, span, self.rows = self._new_rows(first)
+        ids, pad, span, self.state = self._new_rows(first)
         self.cache = KVCache(
             pad.repeat(self.streams), span.repeat(self.streams, 1), self.width + config.max_new_tokens,
             tokens_per_row, prompt_end=self.width,
@@ -252,7 +252,7 @@ class _Decoding:
         return ids, pad, span, state
 
     def run(self) -> list[Generation]:
-        while len(self.rows):
+        while len(self.state):
             if self.steerer.stream:
                 self._stream_pass()
             else:
@@ -290,7 +290,7 @@ class _Decoding:
         step moves on."""
         engine, steerer = self.engine, self.steerer
         plan = plan_pass(
-            self.rows, self.cache, self.layer_sets, self.config.trial_schedule, steerer.key_scale, engine.kernel
+            self.state, self.cache, self.layer_sets, self.config.trial_schedule, steerer.key_scale, engine.kernel
         )
         tokens, positions = self._join_prompts(plan.tokens, plan.positions, plan.fp)
         probe_rows = self._rows_to_rank(plan.raw_rows)
@@ -316,13 +316,13 @@ class _Decoding:
 
     def _draws(self, rows: torch.Tensor) -> torch.Tensor | None:
         """The uniform number of each row's current step when sampling (:mod:`directer.sampling`)."""
-        return None if self.sampler.greedy else uniforms(self.rows.key[rows], self.rows.emitted[rows])
+        return None if self.sampler.greedy else uniforms(self.state.key[rows], self.state.emitted[rows])
 
     def _stream_pass(self) -> None:
         """One pass of both streams of every active row (a stream method): the raw half gives the
         unsteered distribution, the steered half the method's token, emitted when the steerer finds it
         plausible, else the raw top-1; the step's token then feeds both streams."""
-        state, cache, count = self.rows, self.cache, len(self.rows)
+        state, cache, count = self.state, self.cache, len(self.state)
         tokens = state.token.repeat(2)
         write = torch.ones_like(tokens, dtype=torch.bool)
         fp = ForwardPass(
@@ -359,17 +359,17 @@ class _Decoding:
         if bool(done.any()):
             keep = (~done).nonzero().squeeze(1)
             self.cache.keep_rows(self._cache_rows(keep))
-            self.rows.keep(keep)  # rows just admitted are the first done ones: their numbers stay
+            self.state.keep(keep)  # rows just admitted are the first done ones: their numbers stay
 
     def _cache_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The cache rows of active ``rows``: for a stream method, also their steered copies."""
-        return torch.cat([rows, rows + len(self.rows)]) if self.steerer.stream else rows
+        return torch.cat([rows, rows + len(self.state)]) if self.steerer.stream else rows
 
     def _admit(self, rows: torch.Tensor, indices: list[int]) -> None:
         """Active ``rows`` start over as requests ``indices``; their prompts join the next pass."""
         ids, pad, span, state = self._new_rows(indices)
         self.cache.admit(self._cache_rows(rows), pad.repeat(self.streams), span.repeat(self.streams, 1))
-        self.rows.admit(rows, state)
+        self.state.admit(rows, state)
         self._wait_for_prefill(rows, ids, pad)
 
     def _settle_trials(
@@ -378,7 +378,7 @@ class _Decoding:
         """Trial rows keep their first variant whose token the steerer finds plausible; rows out of trials
         fall back to the unsteered token. Marks settled steps in ``ends``; returns the rows that guessed
         the token their step emitted, and the packed index of that guess."""
-        state = self.rows
+        state = self.state
         rows, chunk, sizes = plan.trial_rows, plan.chunk, plan.sizes
         cells = torch.arange(sizes.shape[1], device=rows.device)[None, :]
         variant_cells = torch.minimum(cells, chunk[:, None] - 1)
@@ -413,7 +413,7 @@ class _Decoding:
         """The raw results of ``rows`` (their token now sits in the cache): unsteered top-1/top-2, the
         steerer's gate; rows past the gate run trials next. Returns ``[N]`` bool, the rows whose step
         ends here."""
-        state, steerer = self.rows, self.steerer
+        state, steerer = self.state, self.steerer
         self.cache.lengths[rows] += 1
         probs = torch.softmax(logits, dim=-1)
         guesses = state.candidates.shape[1]
@@ -447,7 +447,7 @@ class _Decoding:
     def _emit(self, rows: torch.Tensor) -> torch.Tensor:
         """Record the finished steps of ``rows`` and feed their tokens back. Returns ``[N]`` bool, the
         rows that are done (end of sequence or ``max_new_tokens``)."""
-        state = self.rows
+        state = self.state
         done = torch.zeros_like(state.steerable)
         if rows.numel() == 0:
             return done
@@ -473,7 +473,7 @@ class _Decoding:
         step here, has a span and no given ranking."""
         if self.steerer.ranking is None:
             return None
-        state = self.rows
+        state = self.state
         first = raw_rows[state.steerable[raw_rows] & (state.emitted[raw_rows] == 0)]
         missing = [
             row for row, index in zip(first.tolist(), state.order[first].tolist()) if self.rankings[index] is None
@@ -484,11 +484,11 @@ class _Decoding:
         """Rank the layers of ``rows`` from their raw pass (``raw``: its record of their tokens)."""
         engine = self.engine
         order = probe_rankings(
-            engine.forward, engine.model, self.cache, rows, self.rows.token[rows], raw,
+            engine.forward, engine.model, self.cache, rows, self.state.token[rows], raw,
             self.steerer.key_scale, self.steerer.ranking, engine.kernel,
         )  # fmt: skip
-        self.rows.rank_of[rows] = torch.argsort(order, dim=-1)
-        for index, ranking in zip(self.rows.order[rows].tolist(), order.tolist()):
+        self.state.rank_of[rows] = torch.argsort(order, dim=-1)
+        for index, ranking in zip(self.state.order[rows].tolist(), order.tolist()):
             self.rankings[index] = ranking
 
     def _results(self) -> list[Generation]:

@@ -209,7 +209,8 @@ class _Decoding:
         self.steerer = config.steerer
         # every row is left-padded to the longest prompt of all requests, so any may take any cache row
         self.width = max(len(r.prompt_ids) for r in requests)
-        self.layer_sets = self.steerer.layer_sets(engine.num_layers)
+        # ``steers`` is what the report and the CLI read too (the baseline is the method that does not)
+        self.layer_sets = self.steerer.layer_sets(engine.num_layers) if self.steerer.steers else []
         tokens_per_row = trial_tokens(self.layer_sets, self.steerer.stream, engine.max_guesses)
         # a stream method's steered stream: a second copy of every row, the second half of the cache rows
         self.streams = 2 if self.steerer.stream else 1

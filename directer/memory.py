@@ -151,7 +151,7 @@ def plan_memory(
     s = shape
     steerer = steering.steerer
     span = prompt_tokens if span_tokens is None else min(span_tokens, prompt_tokens)
-    layer_sets = steerer.layer_sets(s.layers)
+    layer_sets = steerer.layer_sets(s.layers) if steerer.steers else []
     streams = 2 if steerer.stream else 1
     # tokens one row brings to a packed pass: its trials and next-token guesses (else its raw token)
     trials = trial_tokens(layer_sets, steerer.stream)

@@ -56,7 +56,8 @@ class Steerer:
     """Zero-shot decoding: no variant, every step emits the raw top-1. Subclasses steer."""
 
     name: ClassVar[str] = "zero-shot"
-    #: whether the method steers rows that have an instruction span
+    #: whether the method steers rows that have an instruction span: without it the engine runs no
+    #: variant whatever :meth:`layer_sets` gives, and the report takes the method for the baseline
     steers: ClassVar[bool] = False
     #: the ``SteeringConfig`` fields that change this method's tokens (besides ``max_new_tokens``)
     fields: ClassVar[tuple[str, ...]] = ()

@@ -76,6 +76,18 @@ def test_a_method_defined_outside_the_engine_decodes_as_its_oracle():
     assert steered > 0
 
 
+def test_a_method_that_does_not_say_it_steers_decodes_as_zero_shot(monkeypatch):
+    """``steers`` is the one answer to "does this method steer": the report takes a method without it for
+    the baseline, so the engine runs none of its layer sets either."""
+    model = tiny_model("qwen3", seed=3)
+    monkeypatch.setattr(AllLayersOnce, "steers", False)
+    requests = [Request(list(range(5, 25)), list(range(8, 14)))]
+    unsaid = Engine(model, [1], 0).generate(requests, SteeringConfig(method="all-layers-once", max_new_tokens=MAX_NEW))
+    plain = Engine(model, [1], 0).generate(requests, SteeringConfig(method="zero-shot", max_new_tokens=MAX_NEW))
+    assert unsaid[0].token_ids == plain[0].token_ids
+    assert not any(step.trials or step.layers for step in unsaid[0].telemetry)
+
+
 def test_a_method_defined_outside_the_engine_runs_through_the_api_and_the_pipeline(smollm2, tmp_path):
     rows = [
         {"id": "sea", "prompt": "Write a haiku about the sea. Answer in all capital letters.",

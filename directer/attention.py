@@ -267,10 +267,17 @@ AttentionInterface.register(ATTENTION_NAME, directer_attention)
 
 @contextlib.contextmanager
 def engine_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Route the model's attention through :func:`directer_attention` for the duration."""
+    """Route the attention of the model's language layers through :func:`directer_attention` for the
+    duration. The choice of every sub-config (a vision tower's, say) is kept and restored: setting the
+    top-level choice alone writes it into every sub-config."""
     config = model.config
-    previous = config._attn_implementation
-    config._attn_implementation = ATTENTION_NAME
+    subs = {key: getattr(config, key, None) for key in config.sub_configs}
+    previous = {"": config._attn_implementation}
+    previous.update({key: sub._attn_implementation for key, sub in subs.items() if sub is not None})
+    text = config.get_text_config()
+    config._attn_implementation = {
+        **previous, "": ATTENTION_NAME, **{key: ATTENTION_NAME for key, sub in subs.items() if sub is text}
+    }  # fmt: skip
     try:
         yield
     finally:

@@ -306,3 +306,22 @@ def test_cpu_logits_of_8_to_15_rows_are_computed_as_16_and_the_head_is_restored(
     with _padded_logit_rows(model):
         assert head.forward is hooked
     assert head.forward is hooked
+
+
+def test_engine_attention_routes_the_language_layers_and_restores_every_sub_config():
+    """A vision-language config whose towers chose different attention: the engine's attention takes the
+    language layers only, and each sub-config gets its own choice back (setting the top-level one alone
+    would write it into all of them)."""
+    from types import SimpleNamespace
+
+    from transformers import Gemma3Config
+
+    from directer.attention import ATTENTION_NAME, engine_attention
+
+    config = Gemma3Config()
+    config._attn_implementation = {"": "sdpa", "text_config": "sdpa", "vision_config": "eager"}
+    with engine_attention(SimpleNamespace(config=config)):
+        assert config.text_config._attn_implementation == ATTENTION_NAME
+        assert config.vision_config._attn_implementation == "eager"
+    assert (config._attn_implementation, config.text_config._attn_implementation) == ("sdpa", "sdpa")
+    assert config.vision_config._attn_implementation == "eager"

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, overload
 
@@ -29,13 +29,14 @@ PromptInput = str | tuple[str, str | None]
 
 @dataclass
 class Completion:
-    """One prompt's result: the text, its tokens, and what steering did."""
+    """One prompt's result: the text, its tokens, and what steering did (its repr leaves out the token
+    ids and the per-step telemetry, hundreds of entries a row)."""
 
     prompt: Prompt
     text: str
-    token_ids: list[int]
+    token_ids: list[int] = field(repr=False)
     finish_reason: str
-    telemetry: list[StepTelemetry]
+    telemetry: list[StepTelemetry] = field(repr=False)
     summary: SteeringSummary
     ranking: list[int] | None
     ranking_reused: bool

@@ -8,7 +8,7 @@ so they survive any tokenizer's merges across the span's edges.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from directer.spans import find_instruction_spans
@@ -41,7 +41,7 @@ class Prompt:
     """A prompt ready for the engine."""
 
     text: str  # the rendered prompt, chat template applied
-    token_ids: list[int]
+    token_ids: list[int] = field(repr=False)
     span: list[int]  # token positions whose keys are steered
     char_spans: list[CharSpan]  # the same spans as characters of ``text``
     span_source: str = "none"  # instruction, instruction_spans, task, auto or none

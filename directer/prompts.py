@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from jinja2 import TemplateError
+
 from directer.spans import find_instruction_spans
 
 if TYPE_CHECKING:
@@ -127,6 +129,7 @@ def build_prompt(
     (``chat_template=False`` or a tokenizer with none) the text is the user message alone, so a system
     message or earlier turns are refused rather than dropped.
     """
+    culprit = "messages" if messages is not None else "prompt"
     if messages is not None:
         turns, message = _check_messages(messages)
     else:
@@ -149,7 +152,10 @@ def build_prompt(
         message_spans = check_spans(message, spans if spans is not None else [])
     templated = chat_template and tokenizer.chat_template is not None
     if templated:
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        except TemplateError as error:  # templates refuse what they do not support (a system turn, roles out of turn)
+            raise PromptError(f"the model's chat template refuses it: {error}", culprit) from None
         offset = text.rfind(target) if role == "user" else text.find(target)
         if offset < 0:
             raise PromptError("the chat template rewrites the message; cannot place the instruction in it")
@@ -157,7 +163,7 @@ def build_prompt(
         # the text would be the last user message alone: the other turns (and a system instruction) lost
         raise PromptError(
             "the tokenizer has no chat template to join turns with; give one user message and no system message",
-            "messages" if messages is not None else "system",
+            culprit if messages is not None else "system",
         )
     else:
         text, offset = message, 0

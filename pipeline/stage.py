@@ -110,11 +110,15 @@ class GenerateStage:
                 )
             except RowError as error:
                 errors[index] = str(error)
+            except Exception as error:  # nothing one row holds may fail the batch: it becomes that row's error
+                errors[index] = f"prompt: {type(error).__name__}: {error}"
         started = time.perf_counter()
         completions, cache_hits = self._generate(rows, prompts, errors)
+        nlls = self._nlls(completions, errors) if self.config.score_nll else {}
         seconds = time.perf_counter() - started
         records = [
-            self._record(completions.get(i), errors.get(i), cache_hits.get(i), seconds) for i in range(len(rows))
+            self._record(completions.get(i), errors.get(i), cache_hits.get(i), nlls.get(i), seconds)
+            for i in range(len(rows))
         ]
         generated = pa.Table.from_pylist(records, schema=GENERATED)
         internal = (TYPE_ERRORS, READ_ERROR)
@@ -154,7 +158,21 @@ class GenerateStage:
             self.cache.flush()
         return completions, hits
 
-    def _record(self, completion, error: str | None, cache: str | None, seconds: float) -> dict[str, Any]:
+    def _nlls(self, completions: dict, errors: dict) -> dict[int, float]:
+        """Each completion's mean NLL under the unsteered model; a row whose scoring fails (a long row out
+        of memory, say) becomes an error row instead of failing the batch."""
+        model, nlls = self.directer.loaded.model, {}
+        for index, completion in list(completions.items()):
+            try:
+                nlls[index] = completion_nll(model, completion.prompt.token_ids, completion.token_ids)
+            except Exception as error:
+                errors[index] = f"nll: {type(error).__name__}: {error}"
+                del completions[index]
+        return nlls
+
+    def _record(
+        self, completion, error: str | None, cache: str | None, nll: float | None, seconds: float
+    ) -> dict[str, Any]:
         if completion is None:
             return {"status": "error", "error": error or "not generated", **self.constant}
         return {
@@ -168,9 +186,7 @@ class GenerateStage:
             "instruction_tokens": len(completion.prompt.span),
             "span_source": completion.prompt.span_source,
             "span_detector": DETECTOR if completion.prompt.span_source == "auto" else None,
-            "nll": completion_nll(self.directer.loaded.model, completion.prompt.token_ids, completion.token_ids)
-            if self.config.score_nll
-            else None,
+            "nll": nll,
             "distinct_2": distinct_n(completion.text),
             "ranking": completion.ranking,
             "ranking_cache": cache,

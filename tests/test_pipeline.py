@@ -247,3 +247,35 @@ def test_resume_compares_what_changes_the_method_s_tokens(tmp_path):
     check_resumable(config(trial_schedule="lazy"), files)
     with pytest.raises(ValueError, match="steering.ranking 'caused' -> 'received'.*--overwrite"):
         check_resumable(config(ranking="received"), files)
+
+
+def test_a_row_the_chat_template_refuses_is_an_error_row_and_the_run_goes_on(smollm2, tmp_path):
+    """A model whose template refuses system turns (as Gemma's does): that row's error names the field and
+    the template's words, and the other rows are generated."""
+    from directer.models import cache_dir
+
+    bundled = cache_dir() / "models" / "smollm2-135m"
+    model = tmp_path / "refuses-system"
+    model.mkdir()
+    for source in bundled.iterdir():
+        (model / source.name).symlink_to(source)
+    (model / "chat_template.jinja").unlink()
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    )
+    rows = [
+        {"id": "system", "messages": [{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": "Describe Rome. Be brief."}]},
+        {"id": "user", "prompt": "Describe Rome. Be brief.", "instruction": "Be brief."},
+    ]  # fmt: skip
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = GenerateConfig(inputs=(str(source),), output=str(tmp_path / "out"), model=str(model),
+                            steering=SteeringConfig(max_new_tokens=4), score_nll=True)  # fmt: skip
+    report = generate(config, progress=False)
+    written = {r["id"]: r for r in pads.dataset(str(tmp_path / "out" / "data")).to_table().to_pylist()}
+    assert (report.ok, report.errors) == (1, 1)
+    assert written["system"]["status"] == "error"
+    assert written["system"]["error"] == "messages: the model's chat template refuses it: System role not supported"
+    assert written["user"]["status"] == "ok" and written["user"]["nll"] > 0

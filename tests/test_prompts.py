@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from directer.prompts import PromptError, SpanError, build_prompt, check_spans
@@ -70,3 +72,20 @@ def test_a_prompt_past_the_context_is_refused_by_the_library_and_the_cli(smollm2
     result = run_cli("run", long_prompt, "--max-new-tokens", "8")
     assert result.returncode == 2
     assert "prompt: " in result.stderr and "exceed the model's context of 8192" in result.stderr
+
+
+REFUSES_SYSTEM = (  # what Gemma's template does with a system turn
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+)
+
+
+def test_a_chat_template_that_refuses_the_conversation_names_the_field(smollm2):
+    tokenizer = copy.deepcopy(smollm2.tokenizer)
+    tokenizer.chat_template = REFUSES_SYSTEM
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe Rome. Be brief."}]
+    with pytest.raises(PromptError, match="^messages: the model's chat template refuses it: System role not supported"):
+        build_prompt(tokenizer, messages=chat, instruction="Be brief.")
+    with pytest.raises(PromptError, match="^prompt: the model's chat template refuses it"):
+        build_prompt(tokenizer, "Describe Rome.", system="Be brief.")
+    assert build_prompt(tokenizer, messages=chat[1:], instruction="Be brief.").text.startswith("<user>Describe Rome.")

@@ -164,6 +164,9 @@ def _filters(config: ExportConfig, verifier: _Verifier) -> list[tuple[str, Filte
 
 def _runs(config: ExportConfig) -> list[RunOutput]:
     runs = [RunOutput(Path(run)) for run in config.runs]
+    output = Path(config.output)
+    if RunOutput(output).manifest_path.is_file():  # its data/ would be replaced by the export's
+        raise InputError(f"--output {output} holds a directer generate run: export to another folder")
     for run in runs:
         if not run.files():
             raise InputError(f"{run.folder} is not a directer generate output (no data/*.parquet)")
@@ -224,16 +227,40 @@ def export(config: ExportConfig, command: str | None = None, progress: bool = Fa
         passing = _passing(_rows(runs, "exporting", progress), filters, counts)
     deduplicator = _Deduplicator(config.near_duplicate_threshold) if config.dedupe else None
     kept = (row for _, row in passing if deduplicator is None or deduplicator(row))
-    lengths, nlls = _write(kept, config, report)
-    report.counts = [("rows read", counts[0])]
-    report.counts += [(verifier.label if keep is verifier else name, n) for (name, keep), n in zip(filters, counts[1:])]
-    if config.best_of:
-        report.counts.append(("best of the runs per prompt (lowest NLL)", len(chosen)))
-    if config.dedupe:
-        report.counts.append(("after exact and near-duplicate removal", len(lengths)))
-    report.pass_rates = verifier.pass_rates()
-    _card(config, report, lengths, nlls, command)
+    with _staging(Path(config.output)) as staging:
+        lengths, nlls = _write(kept, config, report, staging)
+        report.counts = [("rows read", counts[0])]
+        report.counts += [
+            (verifier.label if keep is verifier else name, n) for (name, keep), n in zip(filters, counts[1:])
+        ]
+        if config.best_of:
+            report.counts.append(("best of the runs per prompt (lowest NLL)", len(chosen)))
+        if config.dedupe:
+            report.counts.append(("after exact and near-duplicate removal", len(lengths)))
+        report.pass_rates = verifier.pass_rates()
+        _card(config, report, lengths, nlls, command, staging)
     return report
+
+
+@contextlib.contextmanager
+def _staging(output: Path) -> Iterator[Path]:
+    """A hidden folder in ``output`` to build the export in; once it is whole, its files replace the
+    previous export's, so an export that fails leaves the previous one as it was."""
+    staging = output / ".export-staging"
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed export left
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        for name in EXPORT_OUTPUTS:
+            stale = output / name
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
+            if (staging / name).exists():
+                (staging / name).rename(stale)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _conversation(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -265,17 +292,11 @@ RECORD = pa.schema([
 ])  # fmt: skip
 
 
-def _write(rows: Iterable[dict[str, Any]], config: ExportConfig, report: ExportReport) -> tuple[list, list]:
-    """Write the rows' records as they come, ``SHARD_ROWS`` at a time; returns the completions' lengths
-    and NLLs (for the card) and counts the kept rows per method in ``report``."""
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    for name in EXPORT_OUTPUTS:
-        stale = output / name
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        elif stale.exists():
-            stale.unlink()
+def _write(
+    rows: Iterable[dict[str, Any]], config: ExportConfig, report: ExportReport, output: Path
+) -> tuple[list, list]:
+    """Write the rows' records to ``output`` as they come, ``SHARD_ROWS`` at a time; returns the
+    completions' lengths and NLLs (for the card) and counts the kept rows per method in ``report``."""
     lengths, nlls = [], []
     with contextlib.ExitStack() as stack:
         if config.format == "jsonl":
@@ -319,14 +340,15 @@ def _save_dataset(stream: Path, folder: Path) -> None:
             datasets.enable_progress_bars()
 
 
-def _card(config: ExportConfig, report: ExportReport, lengths: list, nlls: list, command: str | None) -> None:
-    """``README.md`` in the export: counts at each filter, pass rates, histograms, the commands."""
+def _card(
+    config: ExportConfig, report: ExportReport, lengths: list, nlls: list, command: str | None, output: Path
+) -> None:
+    """``README.md`` in ``output``: counts at each filter, pass rates, histograms, the commands."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    output = Path(config.output)
     figure, axes = plt.subplots(1, 2, figsize=(8, 3))
     axes[0].hist(lengths or [0], bins=20, color="#d9541e")
     axes[0].set_title("completion tokens")

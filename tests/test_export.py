@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -94,6 +95,26 @@ def test_bad_exports_fail_clearly(runs, tmp_path):
         ExportConfig(runs=outputs, output=str(tmp_path / "x"))
     with pytest.raises(InputError, match="not a directer generate output"):
         export(ExportConfig(runs=(str(tmp_path),), output=str(tmp_path / "y")))
+    before = sorted(path.name for path in (Path(outputs[0]) / "data").iterdir())
+    with pytest.raises(InputError, match=f"--output {outputs[0]} holds a directer generate run"):
+        export(ExportConfig(runs=outputs[:1], output=outputs[0], format="parquet"))
+    assert sorted(path.name for path in (Path(outputs[0]) / "data").iterdir()) == before  # its rows are still there
+
+
+def test_an_export_that_fails_leaves_the_previous_one_as_it_was(runs, tmp_path, monkeypatch):
+    folder, outputs = runs
+    config = ExportConfig(runs=outputs[:1], output=str(tmp_path / "train"), format="parquet")
+    export(config)
+    written = {path: path.read_bytes() for path in (tmp_path / "train").rglob("*") if path.is_file()}
+
+    def fail(*args, **kwargs):  # an injected fault: the card cannot be written
+        raise OSError("disk full")
+
+    monkeypatch.setattr("pipeline.export._card", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export(replace(config, min_tokens=10**6))  # would keep no row
+    assert {path: path.read_bytes() for path in (tmp_path / "train").rglob("*") if path.is_file()} == written
+    assert not (tmp_path / "train" / ".export-staging").exists()
 
 
 def test_the_command_writes_nothing_but_its_table_to_a_log(runs):

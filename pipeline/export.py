@@ -32,7 +32,7 @@ from directer.scoring import score_response
 from pipeline.inputs import InputError
 from pipeline.outputs import SUMMARY, RunOutput, replacing
 from pipeline.progress import tracked
-from pipeline.rows import user_message
+from pipeline.rows import messages_of, user_message
 
 FORMATS = ("hf", "jsonl", "parquet")
 SHARD_ROWS = 50_000  # records a written file holds
@@ -265,8 +265,8 @@ def _staging(output: Path) -> Iterator[Path]:
 
 def _conversation(row: dict[str, Any]) -> list[dict[str, str]]:
     """The whole conversation the completion answers (system messages included), then the completion."""
-    if row.get("messages"):
-        asked = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    if messages := messages_of(row):
+        asked = [{"role": m["role"], "content": m["content"]} for m in messages]
     else:
         asked = [{"role": "user", "content": user_message(row)}]
     return [*asked, {"role": "assistant", "content": row["completion"]}]

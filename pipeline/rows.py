@@ -29,11 +29,18 @@ def _from_json(field: str, text: str) -> Any:
         raise RowError(field, f"expected a list, got text that is not JSON: {text[:40]!r}") from None
 
 
+def messages_of(row: dict[str, Any]) -> list[dict[str, str]] | None:
+    """The row's chat list, decoded where it is JSON text (as its file gave it, or as the reader wrote it
+    where shards typed it apart; passed through so to the output)."""
+    messages = row.get("messages")
+    return _from_json("messages", messages) if isinstance(messages, str) else messages
+
+
 def user_message(row: dict[str, Any]) -> str:
     """The user message a row asks (its last user message, its prompt, or its task and instruction):
     what IFEval's checkers and a training record read."""
-    if row.get("messages"):
-        return [m["content"] for m in row["messages"] if m["role"] == "user"][-1]
+    if messages := messages_of(row):
+        return [m["content"] for m in messages if m["role"] == "user"][-1]
     if row.get("prompt"):
         return row["prompt"]
     return join_task(row["task"], row["instruction"])

@@ -154,3 +154,16 @@ def test_rows_stream_through_in_batches_and_shards_as_they_would_in_one(runs, mo
     assert streamed == whole and streamed_counts == counts and len(whole) == counts[-1][1] >= 3
     assert files == 1 and streamed_files == (-(-len(whole) // 2) if format == "parquet" else 1)
     assert len({record["source_id"] for record in whole}) == len(whole)  # one record per prompt
+
+
+def test_a_conversation_written_as_json_text_is_read_as_its_messages():
+    """``messages`` reach a run's output as JSON text where their file gave them so, or where shards typed
+    them apart; the training record and IFEval's checkers read the conversation, not its characters."""
+    from pipeline.export import _record
+    from pipeline.rows import user_message
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe Rome."}]
+    row = {"id": "r", "messages": json.dumps(chat), "completion": "Rome is old.", "method": "directer",
+           "config_fingerprint": "f", "model": "m", "steering": None, "nll": 1.0, "completion_tokens": 4}  # fmt: skip
+    assert user_message(row) == "Describe Rome."
+    assert _record(row)["messages"] == [*chat, {"role": "assistant", "content": "Rome is old."}]

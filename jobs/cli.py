@@ -756,7 +756,7 @@ def submit(
 
     \b
     Example:
-      directer submit --wait -- generate s3://bucket/prompts/ --output s3://bucket/out
+      directer submit --wait -- generate /data/prompts/ --output /data/runs/a
 
     When the job server asks for a token, it is read from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
     ~/.ray/auth_token (ray get-auth-token). Ctrl-C while waiting detaches; the job keeps running.

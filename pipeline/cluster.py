@@ -128,6 +128,17 @@ def _send_token() -> None:
     Config.initialize("")
 
 
+def on_this_node() -> dict[str, object]:
+    """Ray remote arguments that keep a task on this process's node. The run's input and output paths are
+    this machine's (the head's, for a submitted job): the tasks that read the inputs and write the
+    output rows run here, and only the rows travel to and from the model actors on other nodes (Ray
+    Data spreads tasks over every node by default, where those paths name another disk or nothing)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
 def describe_resources(resources: dict[str, float]) -> str:
     """``CPU 2, GPU 0``, plus any accelerator types the cluster names."""
     shown = {"CPU": resources.get("CPU", 0.0), "GPU": resources.get("GPU", 0.0)}

@@ -59,6 +59,8 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ValueError("give at least one input")
+        if "://" in self.output:
+            raise ValueError(f"--output {self.output}: remote URIs are not written yet; give a path on this machine")
         if self.actors is not None and self.actors < 1:
             raise ValueError(f"--actors must be at least 1, got {self.actors}")
         if self.batch_size is not None and self.batch_size < 1:

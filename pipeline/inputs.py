@@ -38,6 +38,8 @@ def resolve_inputs(specs: tuple[str, ...] | list[str]) -> list[Source]:
     """Expand files, folders and globs into sources; fails on anything missing or unknown."""
     parquet, jsonl, datasets = [], [], []
     for spec in specs:
+        if "://" in spec:
+            raise InputError(f"{spec}: remote URIs are not read yet; copy the files to this machine or mount them here")
         matches = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
         if not matches:
             raise InputError(f"no input matches {spec!r}")
@@ -150,8 +152,11 @@ def duplicate_ids(ids: list[object]) -> dict[str, int]:
     return {i: n for i, n in counts.items() if n > 1}
 
 
-def read_dataset(sources: list[Source], conform: dict[str, pa.DataType | None] | None = None):
-    """One Ray dataset over every source, its columns typed alike (``conform``: see :class:`Survey`)."""
+def read_dataset(
+    sources: list[Source], conform: dict[str, pa.DataType | None] | None = None, remote_args: dict | None = None
+):
+    """One Ray dataset over every source, its columns typed alike (``conform``: see :class:`Survey`), its
+    files read by tasks with ``remote_args`` (where to run: where the paths are)."""
     import ray.data
 
     typed, datasets = [], []  # typed: text fields as their files typed them, for normalize_types
@@ -162,11 +167,11 @@ def read_dataset(sources: list[Source], conform: dict[str, pa.DataType | None] |
             by_schema: dict[str, list[str]] = {}
             for path in source.paths:
                 by_schema.setdefault(pq.read_schema(path).remove_metadata().to_string(), []).append(path)
-            typed += [ray.data.read_parquet(paths) for paths in by_schema.values()]
+            typed += [ray.data.read_parquet(paths, ray_remote_args=remote_args) for paths in by_schema.values()]
         elif source.kind == "json":
             # each line parsed on its own: rows of different forms keep only their own fields; read as
             # bytes (read_text fails a whole file on one invalid byte, and splits lines at U+2028)
-            files = ray.data.read_binary_files(list(source.paths))
+            files = ray.data.read_binary_files(list(source.paths), ray_remote_args=remote_args)
             datasets.append(files.map_batches(parse_json_lines, batch_format="pyarrow", fn_args=(conform or {},)))
         else:
             import datasets as hf_datasets

@@ -24,7 +24,14 @@ import pyarrow.compute as pc
 from directer.config import SteeringConfig
 from directer.steering import STEERERS
 from directer.telemetry import SteeringSummary
-from pipeline.cluster import RESTART_WARNING, ClusterError, actor_start_error, hide_native_lines, init_ray
+from pipeline.cluster import (
+    RESTART_WARNING,
+    ClusterError,
+    actor_start_error,
+    hide_native_lines,
+    init_ray,
+    on_this_node,
+)
 from pipeline.config import GenerateConfig
 from pipeline.inputs import InputError, duplicate_ids, read_dataset, resolve_inputs, survey
 from pipeline.outputs import RunOutput
@@ -184,7 +191,9 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
         # streaming re-blocking: enough blocks to keep every actor busy and to write (and resume) as
         # results come, whatever the input files' sizes
         block_rows = rows_per_block(todo, config)
-        dataset = read_dataset(sources, inputs.conform).repartition(target_num_rows_per_block=block_rows)
+        dataset = read_dataset(sources, inputs.conform, on_this_node()).repartition(
+            target_num_rows_per_block=block_rows
+        )
         if done or missing_done:
             dataset = dataset.map_batches(
                 drop_done,
@@ -250,7 +259,7 @@ def execute(dataset: Any, sink: ParquetFiles, config: GenerateConfig) -> Excepti
     quiet = contextlib.nullcontext() if config.ray_logs else hide_native_lines(RESTART_WARNING)
     try:
         with quiet:
-            dataset.write_datasink(sink)
+            dataset.write_datasink(sink, ray_remote_args=on_this_node())
         return None
     except ray.exceptions.GetTimeoutError as error:
         if "starting actors" not in str(error):

@@ -34,6 +34,8 @@ def fails_with(result: subprocess.CompletedProcess, message: str) -> None:
         (["eval", "--limit", "0"], "Invalid value for '--limit'"),
         (["ifeval", "--output", "rows.txt"], "name a .parquet or .jsonl file"),
         (["report", "no-such-folder"], "no such folder: no-such-folder"),
+        (["generate", "s3://bucket/prompts/", "-o", "out"], "s3://bucket/prompts/: remote URIs are not read yet"),
+        (["generate", "examples/sample_prompts.jsonl", "-o", "s3://bucket/out"], "remote URIs are not written yet"),
     ],
 )
 def test_bad_options_fail_in_one_line(args, message):

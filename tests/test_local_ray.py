@@ -11,6 +11,7 @@ import re
 import select
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -156,3 +157,46 @@ def test_a_terminal_shows_one_bar_of_the_rows_written(tmp_path):
     assert "directer" in text and "3/3 rows" in text, text[-3000:]
     assert "Parquet dataset sampling" not in text and "Running" not in text, text[-3000:]
     assert "3 written (3 ok, 0 error)" in text
+
+
+TWO_NODES = """
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_tasks
+from directer import SteeringConfig
+from pipeline.config import GenerateConfig
+from pipeline.run import generate
+
+inputs, output = sys.argv[1:]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+cluster.add_node(num_cpus=6)  # the actor takes 2: 4 CPUs to spare where Ray Data could send read and write tasks
+cluster.wait_for_nodes()
+ray.init(address=cluster.address)
+config = GenerateConfig(inputs=(inputs,), output=output, steering=SteeringConfig(max_new_tokens=3),
+                        address=cluster.address, actors=1, cpus_per_actor=2, batch_size=3)
+report = generate(config, progress=False)
+here = ray.get_runtime_context().get_node_id()
+tasks = [(t.name, t.node_id == here) for t in list_tasks(limit=10_000, detail=True)]
+print(json.dumps({"ok": report.ok, "tasks": tasks}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_on_two_nodes_the_driver_s_node_reads_the_inputs_and_writes_the_rows(tmp_path):
+    """Input and output paths are the driver's (the head's, for a submitted job). With the model actor on
+    another node that has CPUs to spare, Ray Data spread read and write tasks there too, onto a disk that
+    is not the driver's (one of three writes landed there): they stay on the driver's node, and only the
+    rows travel to and from the actor."""
+    inputs = write_rows(tmp_path / "rows.jsonl", 24)
+    env = local_environment(tmp_path)
+    result = subprocess.run([sys.executable, "-c", TWO_NODES, str(inputs), str(tmp_path / "out")], env=env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads(result.stdout.strip().splitlines()[-1])
+    assert run["ok"] == 24 and len(rows_written(tmp_path / "out")) == 24
+    io = [(name, here) for name, here in run["tasks"] if name.startswith(("ReadBinary", "Write"))]
+    assert io and all(here for _, here in io), io
+    model = [here for name, here in run["tasks"] if name.startswith("MapWorker(MapBatches(GenerateStage))")]
+    assert model and not any(model)  # the model actor ran on the other node

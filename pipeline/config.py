@@ -74,15 +74,15 @@ class GenerateConfig:
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ValueError(f"--gpus-per-actor must not be negative, got {self.gpus_per_actor}")
 
-    @property
-    def rows_per_call(self) -> int:
-        """Rows Ray Data hands an actor per call. A GPU actor gets four batches' worth, so continuous
-        batching refills finished rows from the same call; a CPU actor one batch (on a CPU, where a pass
-        costs about its tokens, continuous batching measured 4-8% slower than static batches:
-        BENCHMARKS.md)."""
+    def rows_per_call(self, rows: int) -> int:
+        """Rows Ray Data hands an actor per call, of ``rows`` to generate. A GPU actor gets four batches'
+        worth, so continuous batching refills finished rows from the same call; a CPU actor one batch (on
+        a CPU, where a pass costs about its tokens, continuous batching measured 4-8% slower than static
+        batches: BENCHMARKS.md). Never more than an equal share of the rows: Ray Data gathers a call's
+        rows before it starts, so 541 rows in calls of 512 would keep 7 of 8 actors idle."""
         gpu = (self.actor_device or "").startswith("cuda")
         batch = self.batch_size or MAX_AUTO_BATCH["cuda" if gpu else "cpu"]
-        return 4 * batch if gpu else batch
+        return min(4 * batch if gpu else batch, max(1, -(-rows // (self.actors or 1))))
 
     @property
     def actor_device(self) -> str | None:

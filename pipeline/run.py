@@ -100,8 +100,8 @@ def plan_resources(config: GenerateConfig, resources: dict[str, float]) -> Gener
     """
     cluster_gpus, cluster_cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     gpus = config.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if cluster_gpus >= 1 else 0.0
+    if gpus is None:  # an actor told to decode elsewhere (--device cpu) holds no GPU
+        gpus = 1.0 if cluster_gpus >= 1 and (config.device or "cuda").startswith("cuda") else 0.0
     actors = config.actors
     if actors is None:
         actors = max(1, int(cluster_gpus // gpus)) if gpus else 1
@@ -113,8 +113,9 @@ def plan_resources(config: GenerateConfig, resources: dict[str, float]) -> Gener
 
 
 def rows_per_block(rows: int, config: GenerateConfig) -> int:
-    """About four blocks per actor, each at least a batch and at most 256 rows (progress, resume)."""
-    return max(config.rows_per_call, min(256, -(-rows // (4 * config.actors))))
+    """About four blocks per actor, each at most 256 rows (progress, resume) and at least the rows of one
+    call (an actor's call takes whole blocks)."""
+    return max(config.rows_per_call(rows), min(256, -(-rows // (4 * config.actors))))
 
 
 def drop_done(batch: pa.Table, done: pa.Array, missing_done: bool) -> pa.Table:
@@ -208,7 +209,7 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
                 "duplicates": duplicates,
                 "steerer": STEERERS[config.steering.method],
             },
-            batch_size=config.rows_per_call,
+            batch_size=config.rows_per_call(todo),
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=config.actors),
             num_cpus=config.cpus_per_actor,

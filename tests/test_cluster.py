@@ -10,7 +10,7 @@ import yaml
 
 from directer.config import SteeringConfig
 from pipeline.config import GenerateConfig
-from pipeline.run import plan_resources
+from pipeline.run import plan_resources, rows_per_block
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,5 +64,16 @@ def test_the_actors_device_follows_their_gpus_and_an_explicit_device_wins():
     assert plan({"CPU": 8, "GPU": 2}, device="cpu").actor_device == "cpu"
     unplanned = GenerateConfig(inputs=("x",), output="y")
     assert unplanned.actor_device is None  # before the cluster is asked: CUDA where there are GPUs
-    assert plan({"CPU": 8, "GPU": 2}, batch_size=8).rows_per_call == 32  # a GPU actor refills from one call
-    assert plan({"CPU": 8, "GPU": 2}, batch_size=8, device="cpu").rows_per_call == 8
+    assert plan({"CPU": 8, "GPU": 2}, device="cpu").gpus_per_actor == 0  # it would hold a GPU it never uses
+    assert plan({"CPU": 8, "GPU": 2}, batch_size=8).rows_per_call(1000) == 32  # a GPU actor refills from one call
+    assert plan({"CPU": 8, "GPU": 2}, batch_size=8, device="cpu").rows_per_call(1000) == 8
+
+
+def test_every_actor_gets_rows_however_few():
+    """Ray Data gathers a call's rows before it starts: 541 rows (IFEval) in calls of 4 x 128 on 8 GPUs kept
+    7 actors idle. Calls and blocks are at most an equal share, and at least a batch where there are enough."""
+    eight = plan({"CPU": 64, "GPU": 8})
+    assert eight.rows_per_call(541) == 68 and rows_per_block(541, eight) == 68  # 8 blocks of 68: one each
+    assert eight.rows_per_call(100_000) == 512 and rows_per_block(100_000, eight) == 512
+    cpu = plan({"CPU": 9}, actors=4)
+    assert cpu.rows_per_call(10) == 3 and cpu.rows_per_call(1000) == 16 and rows_per_block(1000, cpu) == 63

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shlex
 import sys
 from collections.abc import Iterator
 from dataclasses import fields
@@ -26,6 +27,12 @@ class Command(typer.core.TyperCommand):
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         return [re.sub(r"^\{(.*)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
+
+
+def current_command() -> str:
+    """The command line that is running, as a user would type it (recorded in ``run.json``, shown in an
+    export's card)."""
+    return shlex.join(["directer", *sys.argv[1:]])
 
 
 app = typer.Typer(
@@ -373,7 +380,6 @@ def generate(
     from directer.models import ModelNotFoundError
     from pipeline.cluster import ClusterError
     from pipeline.config import GenerateConfig
-    from pipeline.export import current_command
     from pipeline.inputs import InputError
     from pipeline.run import generate as run_generate
     from pipeline.sink import OutputWriteError
@@ -474,7 +480,7 @@ def evaluate(
         )  # fmt: skip
         _quiet_transformers()
         with _interruptible(RESUME):
-            summary = run_evaluation(config)
+            summary = run_evaluation(config, command=current_command())
     except (InputError, ModelNotFoundError, ClusterError, OutputWriteError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     Console().print(render.accuracy(summary, output))
@@ -637,7 +643,7 @@ def export(
     Example:
       directer export runs/steered --output train --verify --dedupe --require-finish eos
     """
-    from pipeline.export import ExportConfig, current_command
+    from pipeline.export import ExportConfig
     from pipeline.export import export as run_export
     from pipeline.inputs import InputError
 

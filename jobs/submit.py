@@ -115,7 +115,9 @@ def submit(
     if not arguments:
         raise ValueError("give the directer command to run after --, e.g. -- generate data/ --output /shared/out")
     runtime_env = code_env()
-    variables = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), **(env or {})}
+    # the submitter's hub setting when it has one; else the cluster's own (its nodes' environment) stands
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    variables = {**({"HF_HUB_OFFLINE": offline} if offline is not None else {}), **(env or {})}
     runtime_env["env_vars"] = variables
     if pip:
         runtime_env["pip"] = pip

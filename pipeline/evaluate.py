@@ -121,8 +121,9 @@ def load_rows(config: EvalConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
-    """Generate with every method, score, and write the report; returns the summary."""
+def evaluate(config: EvalConfig, progress: bool = True, command: str | None = None) -> dict[str, Any]:
+    """Generate with every method, score, and write the report; returns the summary. ``command``, the
+    command line that asked for it, is recorded in each run's ``run.json`` (an export's card shows it)."""
     from pipeline.report import build_report
 
     output = Path(config.output)
@@ -142,7 +143,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     with replacing(output / "eval.json") as partial:
         partial.write_text(json.dumps(record, indent=2, default=str))
     for run in runs:
-        generate(run, progress=progress)
+        generate(run, progress=progress, command=command)
     score_runs(output, list(variants))
     return build_report(output)
 

@@ -14,9 +14,7 @@ import hashlib
 import itertools
 import json
 import re
-import shlex
 import shutil
-import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -385,8 +383,3 @@ def _card(
     lines += ["", "## Lengths and fluency", "", "![histograms](histograms.png)", "", "## How it was made", "", "```sh"]
     lines += generate_commands + [command or "directer export " + " ".join(config.runs)] + ["```", ""]
     (output / "README.md").write_text("\n".join(lines))
-
-
-def current_command() -> str:
-    """The command line that is running, as a user would type it."""
-    return shlex.join(["directer", *sys.argv[1:]])

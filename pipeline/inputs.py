@@ -68,7 +68,7 @@ def resolve_inputs(specs: tuple[str, ...] | list[str]) -> list[Source]:
             elif path.suffix in JSON_SUFFIXES:
                 jsonl.append(str(path))
             else:
-                raise InputError(f"unsupported input {match}: use .parquet, .jsonl, or a folder of them")
+                raise InputError(f"unsupported input {match}: use .parquet, .jsonl/.json, or a folder of them")
     sources = []
     if parquet:
         sources.append(Source("parquet", tuple(parquet)))
@@ -156,7 +156,8 @@ def read_dataset(
     sources: list[Source], conform: dict[str, pa.DataType | None] | None = None, remote_args: dict | None = None
 ):
     """One Ray dataset over every source, its columns typed alike (``conform``: see :class:`Survey`), its
-    files read by tasks with ``remote_args`` (where to run: where the paths are)."""
+    files read by tasks with ``remote_args`` (where to run: where the paths are; Ray Data 2.60 takes a
+    scheduling strategy for reads only there, and deprecates it for 2.64 without a named replacement yet)."""
     import ray.data
 
     typed, datasets = [], []  # typed: text fields as their files typed them, for normalize_types
@@ -186,12 +187,24 @@ def read_dataset(
 
 
 def read_json_rows(path: str | Path) -> list[dict]:
-    """The rows of a JSON-lines file, each line read on its own (see :func:`parse_json_lines`)."""
-    return [_json_row(line) for line in _json_lines(path)]
+    """The rows of a JSON file (see :func:`json_file_rows`)."""
+    return json_file_rows(Path(path).read_bytes())
 
 
-def _json_lines(path: str | Path) -> list[bytes]:
-    return split_lines(Path(path).read_bytes())
+def json_file_rows(data: bytes) -> list[dict]:
+    """The rows of a JSON file: one object per line (JSON lines, each line read on its own), or one JSON
+    array of objects, as ``.json`` datasets are often written (pretty-printed, one line per field)."""
+    if data.lstrip()[:1] == b"[":
+        try:
+            items = json.loads(data)
+        except ValueError:  # JSON lines whose first line is a list: read line by line
+            items = None
+        if isinstance(items, list):
+            return [
+                item if isinstance(item, dict) else {READ_ERROR: f"not a JSON object but {type(item).__name__}"}
+                for item in items
+            ]
+    return [_json_row(line) for line in split_lines(data)]
 
 
 def split_lines(data: bytes) -> list[bytes]:
@@ -214,11 +227,11 @@ def _json_row(line: bytes) -> dict:
 
 
 def parse_json_lines(batch: pa.Table, conform: dict[str, pa.DataType | None]) -> pa.Table:
-    """Arrow rows from JSON-lines files (``read_binary_files``' ``bytes``). A field a row lacks stays
-    null (not NaN), a column keeps its Arrow type (lists stay lists), and a column whose values disagree
-    in type is kept as JSON text; a text field of the wrong type is written as text and noted in
+    """Arrow rows from JSON files (``read_binary_files``' ``bytes``; see :func:`json_file_rows`). A field a
+    row lacks stays null (not NaN), a column keeps its Arrow type (lists stay lists), and a column whose
+    values disagree in type is kept as JSON text; a text field of the wrong type is written as text and noted in
     ``TYPE_ERRORS``, as :func:`normalize_types` does for typed files."""
-    rows = [_json_row(line) for data in batch.column("bytes").to_pylist() for line in split_lines(data)]
+    rows = [row for data in batch.column("bytes").to_pylist() for row in json_file_rows(data)]
     notes: list[list[str]] = [[] for _ in rows]
     for row, note in zip(rows, notes):
         for name in TEXT_FIELDS:

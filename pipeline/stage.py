@@ -54,7 +54,12 @@ GENERATED = pa.schema(
         ("worker", pa.string()),
     ]
 )
-OUTPUT_COLUMNS = ("id", *GENERATED.names)
+
+
+def passed_name(column: str) -> str:
+    """The output name of an input column passed through: its own, or ``input_<name>`` where the run
+    writes a column of that name."""
+    return f"input_{column}" if column in GENERATED.names else column
 
 
 class GenerateStage:
@@ -121,10 +126,11 @@ class GenerateStage:
             for i in range(len(rows))
         ]
         generated = pa.Table.from_pylist(records, schema=GENERATED)
-        internal = (TYPE_ERRORS, READ_ERROR)
-        passthrough = batch.drop_columns([c for c in batch.column_names if c in OUTPUT_COLUMNS or c in internal])
+        passthrough = batch.drop_columns([c for c in batch.column_names if c in ("id", TYPE_ERRORS, READ_ERROR)])
         ids = pa.array([row_id(row) for row in rows], type=pa.string())
-        columns = {"id": ids, **{c: passthrough.column(c) for c in passthrough.column_names}}
+        # an input column named as one the run writes (a dataset's own ``model`` or ``completion``) is kept
+        # beside it, renamed
+        columns = {"id": ids, **{passed_name(c): passthrough.column(c) for c in passthrough.column_names}}
         columns.update({c: generated.column(c) for c in generated.column_names})
         maybe_exit_actor()
         return pa.table(columns)

@@ -71,8 +71,11 @@ def test_report_shows_telemetry_quality_and_examples(evaluation):
 def test_a_rerun_of_a_finished_evaluation_keeps_the_measured_throughput(evaluation):
     output, summary = evaluation
     config = EvalConfig(output=str(output), limit=LIMIT, steering=SteeringConfig(max_new_tokens=12), batch_size=4)
-    again = evaluate(config, progress=False)  # every row is done: nothing is generated
+    again = evaluate(config, progress=False, command="directer eval ifeval")  # every row is done: nothing runs
     assert again["accuracy"] == summary["accuracy"]
+    for method in summary["throughput"]:  # each run records the command (an export's card shows it)
+        manifest = json.loads((output / "runs" / method / "run.json").read_text())
+        assert manifest["invocations"][-1]["command"] == "directer eval ifeval"
     for method, measured in summary["throughput"].items():
         assert again["throughput"][method] == measured and measured["tokens_per_second"] > 0
 

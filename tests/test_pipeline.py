@@ -279,3 +279,27 @@ def test_a_row_the_chat_template_refuses_is_an_error_row_and_the_run_goes_on(smo
     assert written["system"]["status"] == "error"
     assert written["system"]["error"] == "messages: the model's chat template refuses it: System role not supported"
     assert written["user"]["status"] == "ok" and written["user"]["nll"] > 0
+
+
+def test_a_json_array_file_and_columns_named_as_the_output_s(tmp_path):
+    """A ``.json`` dataset written as one pretty-printed array (it gave an error row per line), whose rows
+    carry their own ``model`` and ``completion`` (they were dropped): every element is a row, and those
+    columns are kept beside the run's own as ``input_model`` and ``input_completion``."""
+    rows = [
+        {"id": "a", "prompt": "Describe Rome. Be brief.", "instruction": "Be brief.", "model": "gpt-x",
+         "completion": "Rome is old."},
+        {"id": "b", "prompt": "Describe Paris. Be brief.", "instruction": "Be brief.", "model": "gpt-y",
+         "completion": None},
+        [1, 2],
+    ]  # fmt: skip
+    source = tmp_path / "rows.json"
+    source.write_text(json.dumps(rows, indent=2))
+    steering = SteeringConfig(max_new_tokens=2)
+    config = GenerateConfig(inputs=(str(source),), output=str(tmp_path / "out"), steering=steering)
+    report = generate(config, progress=False)
+    written = pads.dataset(str(tmp_path / "out" / "data")).to_table().to_pylist()
+    assert (report.ok, report.errors, len(written)) == (2, 1, 3)
+    by_id = {r["id"]: r for r in written}
+    assert (by_id["a"]["input_model"], by_id["a"]["input_completion"]) == ("gpt-x", "Rome is old.")
+    assert by_id["a"]["model"].startswith("smollm2-135m@") and by_id["a"]["completion"] != "Rome is old."
+    assert by_id[None]["error"] == "line: not a JSON object but list"

@@ -674,15 +674,14 @@ def spans(
       directer spans "Describe Rome. Answer in exactly two sentences."
       directer spans prompts.jsonl --limit 20 --json
     """
-    import pyarrow.parquet as pq
 
     from directer.spans import DETECTOR, find_instruction_spans
-    from pipeline.inputs import JSON_SUFFIXES, READ_ERROR, read_json_rows
+    from pipeline.inputs import JSON_SUFFIXES, READ_ERROR, read_rows
     from pipeline.rows import user_message
 
     path = Path(source)
     if path.suffix in (*JSON_SUFFIXES, ".parquet") and path.is_file():
-        rows = read_json_rows(path) if path.suffix in JSON_SUFFIXES else pq.read_table(path).to_pylist()
+        rows = read_rows(path)
     else:
         rows = [{"id": None, "prompt": source}]
     console = Console()

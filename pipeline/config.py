@@ -94,6 +94,12 @@ class GenerateConfig:
         return "cuda" if self.gpus_per_actor else "cpu"
 
     @property
+    def actor_memory_fraction(self) -> float:
+        """The share of its device an actor's batches may fill: an actor holding part of a GPU plans within
+        its part."""
+        return self.memory_fraction * min(1.0, self.gpus_per_actor or 1.0)
+
+    @property
     def output_dir(self) -> Path:
         return Path(self.output)
 

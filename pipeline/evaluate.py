@@ -21,7 +21,7 @@ from directer.models import DEFAULT_MODEL
 from directer.scoring import score_response
 from directer.steering import STEERERS
 from pipeline.config import GenerateConfig
-from pipeline.inputs import JSON_SUFFIXES, READ_ERROR, InputError, read_json_rows, rows_to_table
+from pipeline.inputs import READ_ERROR, InputError, read_rows, rows_to_table
 from pipeline.outputs import RunOutput, replacing
 from pipeline.rows import user_message
 from pipeline.run import check_resumable, generate
@@ -100,7 +100,7 @@ def load_rows(config: EvalConfig) -> list[dict[str, Any]]:
     path = Path(config.benchmark)
     if not path.is_file():
         raise InputError(f"benchmark is neither 'ifeval' nor a file: {config.benchmark}")
-    rows = read_json_rows(path) if path.suffix in JSON_SUFFIXES else pq.read_table(path).to_pylist()
+    rows = read_rows(path)
     rows = rows[: config.limit]
     for index, row in enumerate(rows):
         if row.get("id") is None and row.get("key") is not None:

@@ -186,6 +186,12 @@ def read_dataset(
     return first.union(*rest) if rest else first
 
 
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of one Parquet or JSON file, into Python (a benchmark, a plan, a preview: not a run's
+    inputs, which Ray Data reads)."""
+    return read_json_rows(path) if Path(path).suffix in JSON_SUFFIXES else pq.read_table(path).to_pylist()
+
+
 def read_json_rows(path: str | Path) -> list[dict]:
     """The rows of a JSON file (see :func:`json_file_rows`)."""
     return json_file_rows(Path(path).read_bytes())

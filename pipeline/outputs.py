@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,15 @@ PARTIAL_SUFFIX = ".partial"
 
 # rows a reader of a whole run takes into Python at a time (the report's counts, export, the examples)
 BATCH_ROWS = 10_000
+
+
+def discard_partial(folder: Path, older_than: float = 0.0) -> None:
+    """Remove the partial files in ``folder`` last written more than ``older_than`` seconds ago."""
+    now = time.time()
+    for path in folder.glob(f".*{PARTIAL_SUFFIX}") if folder.is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):
+            if now - path.stat().st_mtime > older_than:
+                path.unlink()
 
 
 @contextlib.contextmanager
@@ -63,12 +73,9 @@ class RunOutput:
     def files(self) -> list[Path]:
         return sorted(self.data_dir.glob("*.parquet")) if self.data_dir.is_dir() else []
 
-    def discard_partial(self) -> int:
-        """Remove what an interrupted write left (never a complete file); returns how many."""
-        partial = list(self.data_dir.glob(f".*{PARTIAL_SUFFIX}")) if self.data_dir.is_dir() else []
-        for path in partial:
-            path.unlink(missing_ok=True)
-        return len(partial)
+    def discard_partial(self) -> None:
+        """Remove what an interrupted write left (never a complete file)."""
+        discard_partial(self.data_dir)
 
     def read(self, columns: list[str] | None = None, files: list[Path] | None = None) -> pa.Table:
         """The rows of ``files`` (default: all), with the ``columns`` present (default: all); an empty table
@@ -117,11 +124,11 @@ class RunOutput:
     def _present(dataset: pads.Dataset, columns: list[str] | None) -> list[str] | None:
         return None if columns is None else [c for c in columns if c in dataset.schema.names]
 
-    def ids(self) -> tuple[set[str], bool, int]:
+    def ids(self) -> tuple[set[str], bool]:
         """Ids already written (and whether rows without an id were), skipping unreadable files (not one
-        this version writes; renamed ``.broken`` so its rows run again). Returns ``(ids, has_missing_id, rows)``."""
+        this version writes; renamed ``.broken`` so its rows run again)."""
         ids: set[str] = set()
-        missing, rows = False, 0
+        missing = False
         for path in self.files():
             try:
                 column = pads.dataset(str(path), format="parquet").to_table(columns=["id"]).column("id")
@@ -129,10 +136,9 @@ class RunOutput:
                 path.rename(path.with_suffix(".parquet.broken"))
                 continue
             values = column.to_pylist()
-            rows += len(values)
             missing = missing or any(v is None for v in values)
             ids.update(v for v in values if v is not None)
-        return ids, missing, rows
+        return ids, missing
 
     def manifest(self) -> dict[str, Any] | None:
         return json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else None

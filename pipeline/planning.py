@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
 from directer.config import SteeringConfig
 from directer.memory import GIB, MemoryPlan, ModelShape, device_budget, plan_memory
 from directer.models import default_dtype, load_tokenizer, model_config, parse_dtype
 from directer.prompts import PromptError, prompt_from_row
-from pipeline.inputs import JSON_SUFFIXES, InputError, read_json_rows
+from pipeline.inputs import JSON_SUFFIXES, InputError, read_rows
 
 
 @dataclass
@@ -85,7 +84,7 @@ def _longest(model: str, inputs: list[str], trust: bool) -> tuple[int, int, int]
         path = Path(name)
         if not path.is_file() or path.suffix not in (*JSON_SUFFIXES, ".parquet"):
             raise InputError(f"{name}: not a .jsonl or .parquet file")
-        rows = read_json_rows(path) if path.suffix in JSON_SUFFIXES else pq.read_table(path).to_pylist()
+        rows = read_rows(path)
         for row in rows:
             try:
                 prompt = prompt_from_row(tokenizer, row)

@@ -188,8 +188,13 @@ def build_report(output: Path) -> dict[str, Any]:
     with replacing(output / "summary.json") as partial:
         partial.write_text(json.dumps(summary, indent=2))
     plots = _plots(output, summary, runs, methods)
-    (output / "report.md").write_text(_markdown(summary, plots, methods))
-    (output / "report.html").write_text(_html(output, summary, plots, runs, outputs, scores, methods))
+    pages = {
+        "report.md": _markdown(summary, plots, methods),
+        "report.html": _html(output, summary, plots, runs, outputs, scores, methods),
+    }
+    for name, text in pages.items():
+        with replacing(output / name) as partial:
+            partial.write_text(text)
     return summary
 
 

@@ -17,7 +17,6 @@ class RowError(ValueError):
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
-        self.field = field
 
 
 def _from_json(field: str, text: str) -> Any:

@@ -34,7 +34,7 @@ from pipeline.cluster import (
 )
 from pipeline.config import GenerateConfig
 from pipeline.inputs import InputError, duplicate_ids, read_dataset, resolve_inputs, survey
-from pipeline.outputs import RunOutput
+from pipeline.outputs import RunOutput, discard_partial
 from pipeline.progress import WrittenRows
 from pipeline.sink import OutputWriteError, ParquetFiles
 from pipeline.stage import GenerateStage
@@ -85,7 +85,7 @@ def check_model(config: GenerateConfig) -> None:
         device, dtype = default_device_dtype(config.actor_device, config.dtype)
     except ValueError:
         return  # no such device here: the actors say so (or wait for one) themselves
-    fraction = config.memory_fraction * min(1.0, config.gpus_per_actor or 1.0)
+    fraction = config.actor_memory_fraction
     shape = ModelShape.of(shape_config, dtype)
     plan = plan_memory(shape, config.steering, 1, device=device.type, budget=device_budget(device, fraction))
     plan.check(config.batch_size or 1)
@@ -153,12 +153,14 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
         shutil.rmtree(output.data_dir)
     check_writable(output.data_dir)
     output.discard_partial()
+    # what killed actors left in the ranking cache; another run sharing the folder writes its files in seconds
+    discard_partial(config.ranking_cache_dir, older_than=3600)
     if config.overwrite or output.manifest() is None:
         write_manifest(config, None, input_files)  # before any row: an interrupted run is still checked
     inputs = survey(sources)
     ids = inputs.ids
     duplicates = duplicate_ids(ids)
-    done, missing_done, _ = output.ids()
+    done, missing_done = output.ids()
     before = set(output.files())
     report = RunReport(output=str(config.output_dir), command=command)
 

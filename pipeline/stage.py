@@ -79,7 +79,7 @@ class GenerateStage:
         self.directer = Directer.from_pretrained(
             config.model, device=device, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
             # an actor holding part of a GPU plans within its part; one holding several splits the model
-            memory_fraction=config.memory_fraction * min(1.0, config.gpus_per_actor or 1.0),
+            memory_fraction=config.actor_memory_fraction,
             gpus=max(1, math.ceil(config.gpus_per_actor or 1)) if device.startswith("cuda") else 1,
         )  # fmt: skip
         self.steering = config.steering

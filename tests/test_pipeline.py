@@ -303,3 +303,19 @@ def test_a_json_array_file_and_columns_named_as_the_output_s(tmp_path):
     assert (by_id["a"]["input_model"], by_id["a"]["input_completion"]) == ("gpt-x", "Rome is old.")
     assert by_id["a"]["model"].startswith("smollm2-135m@") and by_id["a"]["completion"] != "Rome is old."
     assert by_id[None]["error"] == "line: not a JSON object but list"
+
+
+def test_partial_files_a_killed_actor_left_in_the_ranking_cache_are_removed_once_stale(tmp_path):
+    """A run removes the ranking cache's partial files older than an hour (a killed actor's), and leaves a
+    fresh one alone: another run sharing the folder may be writing it now."""
+    import os
+    import time
+
+    from pipeline.outputs import discard_partial
+
+    stale, fresh, kept = (tmp_path / name for name in (".a.parquet.partial", ".b.parquet.partial", "c.parquet"))
+    for path in (stale, fresh, kept):
+        path.write_bytes(b"x")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    discard_partial(tmp_path, older_than=3600)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.parquet.partial", "c.parquet"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,9 @@ def read_dataset(
     scheduling strategy for reads only there, and deprecates it for 2.64 without a named replacement yet)."""
     import ray.data
 
+    # Ray Data 2.60 deprecates ray_remote_args for reads without a named scheduling strategy to use
+    # instead: its warning would reach every user's terminal
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=Warning)
     typed, datasets = [], []  # typed: text fields as their files typed them, for normalize_types
     for source in sources:
         if source.kind == "parquet":

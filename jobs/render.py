@@ -56,7 +56,10 @@ def generate_report(report) -> Table:
     table.add_column(style="bold")
     table.add_column()
     table.add_row(
-        "rows", f"{report.rows} written ({report.ok} ok, {report.errors} error), {report.skipped} already done"
+        "rows",
+        f"{report.rows} written ({report.ok} ok, {report.errors} error), {report.skipped} already done"
+        # error rows of the run's own failures (out of memory, say), run again
+        + (f", {report.retried} retried" if report.retried else ""),
     )
     table.add_row("tokens", f"{report.completion_tokens} generated, {report.tokens_per_second:.1f} tokens/s")
     seconds = report.seconds

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from directer.config import SteeringConfig
 from directer.memory import MAX_AUTO_BATCH
-from directer.models import DEFAULT_MODEL
+from directer.models import DEFAULT_MODEL, default_dtype, parse_dtype
 from pipeline.outputs import RunOutput
 
 
@@ -92,6 +92,14 @@ class GenerateConfig:
         if self.device or self.gpus_per_actor is None:
             return self.device
         return "cuda" if self.gpus_per_actor else "cpu"
+
+    @property
+    def actor_dtype(self) -> str:
+        """The dtype an actor loads the model in, as its rows' ``model`` names it: ``dtype``, else its
+        device's default (known once ``gpus_per_actor`` is filled in)."""
+        device_type = (self.actor_device or "cpu").split(":")[0]
+        dtype = parse_dtype(self.dtype) if self.dtype else default_dtype(device_type)
+        return str(dtype).removeprefix("torch.")
 
     @property
     def actor_memory_fraction(self) -> float:

@@ -23,8 +23,9 @@ from directer.steering import STEERERS
 from pipeline.config import GenerateConfig
 from pipeline.inputs import READ_ERROR, InputError, read_rows, rows_to_table
 from pipeline.outputs import RunOutput, replacing
+from pipeline.resume import check_resumable
 from pipeline.rows import user_message
-from pipeline.run import check_resumable, generate
+from pipeline.run import generate
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ real run: ``DIRECTER_INJECT_FAULT`` (read by the model actors and the output wri
   creates it and dies at once, before returning the batch (as the kernel's out-of-memory killer or a
   lost node would end it);
 - ``disk-full:<n>``: a write into an output folder that already holds ``n`` complete files fails as a
-  full disk does (``ENOSPC``), after part of the file is written.
+  full disk does (``ENOSPC``), after part of the file is written;
+- ``out-of-memory:<id>``: the engine fails on every batch holding the row ``<id>`` as a device out of
+  memory does.
 """
 
 from __future__ import annotations
@@ -39,3 +41,12 @@ def maybe_fill_disk(folder: Path) -> None:
     limit = _fault("disk-full")
     if limit is not None and len(list(Path(folder).glob("*.parquet"))) >= int(limit):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def maybe_run_out_of_memory(ids: list[str | None]) -> None:
+    """``out-of-memory``: raise what a device out of memory raises when ``ids`` hold the row named."""
+    row = _fault("out-of-memory")
+    if row is not None and row in ids:
+        import torch
+
+        raise torch.OutOfMemoryError(f"injected for row {row}")

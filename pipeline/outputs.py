@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,21 +124,30 @@ class RunOutput:
     def _present(dataset: pads.Dataset, columns: list[str] | None) -> list[str] | None:
         return None if columns is None else [c for c in columns if c in dataset.schema.names]
 
-    def ids(self) -> tuple[set[str], bool]:
-        """Ids already written (and whether rows without an id were), skipping unreadable files (not one
-        this version writes; renamed ``.broken`` so its rows run again)."""
-        ids: set[str] = set()
-        missing = False
+    def read_keys(self, columns: list[str]) -> pa.Table:
+        """Text ``columns`` of every row written (what a rerun decides by), skipping unreadable files (not one
+        this version writes; renamed ``.broken`` so their rows run again)."""
+        tables = [pa.table({name: pa.array([], pa.string()) for name in columns})]
         for path in self.files():
             try:
-                column = pads.dataset(str(path), format="parquet").to_table(columns=["id"]).column("id")
+                tables.append(pads.dataset(str(path), format="parquet").to_table(columns=columns))
             except (pa.ArrowInvalid, OSError):
                 path.rename(path.with_suffix(".parquet.broken"))
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def remove_rows(self, drop: Callable[[pa.Table], pa.Array], columns: list[str]) -> None:
+        """Remove the rows for which ``drop`` (given their ``columns``) is true; a file holding any is
+        replaced whole."""
+        for path in self.files():
+            dropped = drop(pq.read_table(path, columns=columns))
+            if not pc.any(dropped).as_py():
                 continue
-            values = column.to_pylist()
-            missing = missing or any(v is None for v in values)
-            ids.update(v for v in values if v is not None)
-        return ids, missing
+            kept = pq.read_table(path).filter(pc.invert(dropped))
+            if not kept.num_rows:
+                path.unlink()
+                continue
+            with replacing(path) as partial:
+                pq.write_table(kept, partial)
 
     def manifest(self) -> dict[str, Any] | None:
         return json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else None

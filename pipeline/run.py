@@ -1,8 +1,8 @@
 """``directer generate``: sharded inputs -> Ray Data -> actor pool running the engine -> Parquet.
 
 Every input row yields exactly one output row (``status`` ok or error). A rerun of the same command
-processes only the ids missing from the output; ``overwrite`` starts over (the ranking cache stays,
-its rankings do not depend on the run).
+processes only what the output lacks (``pipeline.resume``); ``overwrite`` starts over (the ranking
+cache stays, its rankings do not depend on the run).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from directer.config import SteeringConfig
 from directer.steering import STEERERS
 from directer.telemetry import SteeringSummary
 from pipeline.cluster import (
@@ -36,6 +35,7 @@ from pipeline.config import GenerateConfig
 from pipeline.inputs import InputError, duplicate_ids, read_dataset, resolve_inputs, survey
 from pipeline.outputs import RunOutput, discard_partial
 from pipeline.progress import WrittenRows
+from pipeline.resume import check_precision, check_resumable, drop_done, plan_resume
 from pipeline.sink import OutputWriteError, ParquetFiles
 from pipeline.stage import GenerateStage
 
@@ -49,6 +49,7 @@ class RunReport:
     ok: int = 0
     errors: int = 0
     skipped: int = 0
+    retried: int = 0  # error rows of the run's own failures (out of memory, say) run again
     completion_tokens: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     steering: dict[str, float] = field(default_factory=dict)
@@ -66,15 +67,9 @@ class RunReport:
         return {**self.__dict__, "tokens_per_second": self.tokens_per_second}
 
 
-# what a run's rows depend on: a rerun into the same folder must keep them
-RESUME_FIELDS = ("model", "steering", "spans", "dtype", "score_nll")
-
-
 def check_model(config: GenerateConfig) -> None:
     """Fail before Ray starts when the model name cannot be resolved, its checkpoint is refused, or (for a
     run on this machine) the weights and a batch of the shortest prompts do not fit the device's memory."""
-    import os
-
     from directer.memory import ModelShape, device_budget, plan_memory
     from directer.models import default_device_dtype, model_config
 
@@ -118,17 +113,6 @@ def rows_per_block(rows: int, config: GenerateConfig) -> int:
     return max(config.rows_per_call(rows), min(256, -(-rows // (4 * config.actors))))
 
 
-def drop_done(batch: pa.Table, done: pa.Array, missing_done: bool) -> pa.Table:
-    """Rows whose id is already in the output do not run again."""
-    if "id" not in batch.column_names:
-        return batch.slice(0, 0) if missing_done else batch
-    ids = pc.cast(batch.column("id"), pa.string())
-    keep = pc.invert(pc.fill_null(pc.is_in(ids, value_set=done), False))
-    if missing_done:
-        keep = pc.and_(keep, pc.is_valid(ids))
-    return batch.filter(keep)
-
-
 def check_writable(folder: Path) -> None:
     """Create ``folder`` and write a file there, before any model loads: an output that cannot be
     written fails at once, naming the path and the reason."""
@@ -160,8 +144,7 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     inputs = survey(sources)
     ids = inputs.ids
     duplicates = duplicate_ids(ids)
-    done, missing_done = output.ids()
-    before = set(output.files())
+    resume = plan_resume(output, ids, duplicates)
     report = RunReport(output=str(config.output_dir), command=command)
 
     import ray
@@ -188,8 +171,12 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     config = plan_resources(config, ray.cluster_resources())
     report.seconds["startup"] = time.perf_counter() - started
 
-    todo = sum(1 for i in ids if not (i is None and missing_done) and (i is None or str(i) not in done))
-    report.skipped = len(ids) - todo
+    todo = resume.todo(ids)
+    if todo:
+        check_precision(output, config.actor_dtype)
+    resume.settle(output)
+    before = set(output.files())
+    report.skipped, report.retried = len(ids) - todo, resume.retried
     if todo:
         # streaming re-blocking: enough blocks to keep every actor busy and to write (and resume) as
         # results come, whatever the input files' sizes
@@ -197,11 +184,14 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
         dataset = read_dataset(sources, inputs.conform, on_this_node()).repartition(
             target_num_rows_per_block=block_rows
         )
-        if done or missing_done:
+        if report.skipped:  # a rerun
             dataset = dataset.map_batches(
                 drop_done,
                 batch_format="pyarrow",
-                fn_kwargs={"done": pa.array(sorted(done), type=pa.string()), "missing_done": missing_done},
+                fn_kwargs={
+                    "done": pa.array(sorted(resume.done), pa.string()),
+                    "without_id_done": resume.without_id_done,
+                },
             )
         dataset = dataset.map_batches(
             GenerateStage,
@@ -309,46 +299,6 @@ def _summarise(report: RunReport, rows: list[dict]) -> None:
     }
     cache = [r["ranking_cache"] for r in rows if r["ranking_cache"]]
     report.ranking_cache = {"hits": cache.count("hit"), "misses": cache.count("miss")}
-
-
-def check_resumable(config: GenerateConfig, input_files: list[str]) -> None:
-    """Resume only a run of the same configuration and inputs: rows of two runs never mix in one folder."""
-    manifest = config.run_output.manifest()
-    if config.overwrite or manifest is None:
-        return
-    before, now = manifest.get("config", {}), config.to_dict()
-    differences = []
-    for name in RESUME_FIELDS:
-        old, new = before.get(name), now[name]
-        if name == "steering":
-            # what changes tokens only (the trial schedule does not); a field added since that run was
-            # written ran with its default
-            old = {**SteeringConfig().to_dict(), **(old or {})}
-            fields = config.steering.token_fields().items()
-            differences += [
-                f"steering.{key} {old.get(key)!r} -> {value!r}" for key, value in fields if old.get(key) != value
-            ]
-        elif old != new:
-            differences.append(f"{name} {old!r} -> {new!r}")
-    if not same_inputs(manifest, input_files, config.output_dir):
-        differences.append(f"inputs {', '.join(manifest['input_files'])} -> {', '.join(input_files)}")
-    if differences:
-        raise ValueError(
-            f"{config.output} holds a run with another configuration ({'; '.join(differences)}): "
-            "rerun with --overwrite to start over there, or choose another --output"
-        )
-
-
-def same_inputs(manifest: dict[str, Any], input_files: list[str], output_dir: Path) -> bool:
-    """The run in ``manifest`` read ``input_files``: the same paths, or, for a folder moved with its
-    inputs (an evaluation folder holds its ``inputs.parquet``), the same paths relative to the run."""
-    before = manifest.get("input_files", input_files)
-    if before == input_files:
-        return True
-    if "output_dir" not in manifest:
-        return False
-    relative = [os.path.relpath(path, manifest["output_dir"]) for path in before]
-    return relative == [os.path.relpath(path, output_dir.resolve()) for path in input_files]
 
 
 def write_manifest(config: GenerateConfig, report: RunReport | None, input_files: list[str]) -> None:

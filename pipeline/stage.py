@@ -21,7 +21,7 @@ from directer.quality import completion_nll, distinct_n
 from directer.spans import DETECTOR
 from directer.steering import Steerer, register_steerer
 from pipeline.config import GenerateConfig
-from pipeline.faults import maybe_exit_actor
+from pipeline.faults import maybe_exit_actor, maybe_run_out_of_memory
 from pipeline.inputs import READ_ERROR, TYPE_ERRORS
 from pipeline.outputs import SUMMARY, TELEMETRY
 from pipeline.ranking_cache import RankingCache
@@ -54,6 +54,11 @@ GENERATED = pa.schema(
         ("worker", pa.string()),
     ]
 )
+
+# how the errors of the run, not of the row (out of memory, a lost device), begin: a rerun runs those rows
+# again (``pipeline.resume``); every other error row names the input field at fault and stays
+ENGINE_ERROR, NLL_ERROR, NOT_GENERATED = "engine: ", "nll: ", "not generated"
+RUN_ERRORS = (ENGINE_ERROR, NLL_ERROR, NOT_GENERATED)
 
 
 def passed_name(column: str) -> str:
@@ -145,24 +150,25 @@ class GenerateStage:
         }
         try:
             batch = [prompts[i] for i in indices]
-            ids = [row_id(rows[i]) for i in indices]
-            results = self.directer.complete(batch, self.steering, self.config.batch_size, rankings, ids)
+            results = self._complete(batch, self.config.batch_size, rankings, [row_id(rows[i]) for i in indices])
             completions = dict(zip(indices, results))
         except Exception:  # retried row by row: only the rows that fail alone become error rows
             completions = {}
             for index, ranking in zip(indices, rankings):
                 try:
-                    (completions[index],) = self.directer.complete(
-                        [prompts[index]], self.steering, 1, [ranking], [row_id(rows[index])]
-                    )
+                    (completions[index],) = self._complete([prompts[index]], 1, [ranking], [row_id(rows[index])])
                 except Exception as error:
-                    errors[index] = f"engine: {type(error).__name__}: {error}"
+                    errors[index] = f"{ENGINE_ERROR}{type(error).__name__}: {error}"
         if self.cache:
             for index, completion in completions.items():
                 if completion.ranking is not None:
                     self.cache.put(prompts[index], completion.ranking)
             self.cache.flush()
         return completions, hits
+
+    def _complete(self, prompts: list, batch_size: int | None, rankings: list, ids: list[str | None]) -> list:
+        maybe_run_out_of_memory(ids)
+        return self.directer.complete(prompts, self.steering, batch_size, rankings, ids)
 
     def _nlls(self, completions: dict, errors: dict) -> dict[int, float]:
         """Each completion's mean NLL under the unsteered model; a row whose scoring fails (a long row out
@@ -172,7 +178,7 @@ class GenerateStage:
             try:
                 nlls[index] = completion_nll(model, completion.prompt.token_ids, completion.token_ids)
             except Exception as error:
-                errors[index] = f"nll: {type(error).__name__}: {error}"
+                errors[index] = f"{NLL_ERROR}{type(error).__name__}: {error}"
                 del completions[index]
         return nlls
 
@@ -180,7 +186,7 @@ class GenerateStage:
         self, completion, error: str | None, cache: str | None, nll: float | None, seconds: float
     ) -> dict[str, Any]:
         if completion is None:
-            return {"status": "error", "error": error or "not generated", **self.constant}
+            return {"status": "error", "error": error or NOT_GENERATED, **self.constant}
         return {
             "status": "ok",
             "error": None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from test_jobs import cli, write_rows
 from test_local_ray import local_environment
@@ -31,6 +32,10 @@ def completions(output: Path) -> dict[str, tuple[str, list[int]]]:
     by_id = {row["id"]: (row["completion"], row["token_ids"]) for row in rows if row["status"] == "ok"}
     assert len(by_id) == len(rows) == ROWS, [(r["id"], r["status"], r["error"]) for r in rows]
     return by_id
+
+
+def ids_in(path: Path) -> list[str]:
+    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +75,21 @@ def test_a_full_disk_fails_naming_the_file_and_the_rerun_resumes(clean, tmp_path
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "already done" in rerun.stdout
     assert completions(tmp_path / "out") == clean
+
+
+def test_a_row_out_of_memory_is_an_error_row_and_the_rerun_runs_it_again(clean, tmp_path):
+    """A failure of the run, not of the row (the device out of memory), is not final: the same command
+    replaces that error row with the row's completion, and leaves the other rows as they were."""
+    first = run(tmp_path, "out", fault="out-of-memory:row-3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "6 written (5 ok, 1 error)" in first.stdout
+    data = tmp_path / "out" / "data"
+    rows = {r["id"]: r for r in pads.dataset(str(data), format="parquet").to_table().to_pylist()}
+    assert rows["row-3"]["error"] == "engine: OutOfMemoryError: injected for row row-3"
+    untouched = {path: path.stat().st_mtime_ns for path in data.glob("*.parquet") if "row-3" not in ids_in(path)}
+
+    rerun = run(tmp_path, "out")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "1 written (1 ok, 0 error), 5 already done, 1 retried" in rerun.stdout
+    assert completions(tmp_path / "out") == clean
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in untouched.items())

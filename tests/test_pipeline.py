@@ -230,7 +230,8 @@ def test_a_folder_moved_with_its_inputs_still_resumes(tmp_path):
 def test_resume_compares_what_changes_the_method_s_tokens(tmp_path):
     """A folder resumes under settings that do not change its method's tokens (zero-shot ignores beta and
     the ranking; the trial schedule changes nobody's), and refuses those that do, naming them."""
-    from pipeline.run import check_resumable, write_manifest
+    from pipeline.resume import check_resumable
+    from pipeline.run import write_manifest
 
     source = tmp_path / "a.jsonl"
     source.write_text(json.dumps({"id": "r0", "prompt": "Say hi."}) + "\n")
@@ -247,6 +248,61 @@ def test_resume_compares_what_changes_the_method_s_tokens(tmp_path):
     check_resumable(config(trial_schedule="lazy"), files)
     with pytest.raises(ValueError, match="steering.ranking 'caused' -> 'received'.*--overwrite"):
         check_resumable(config(ranking="received"), files)
+
+
+def test_resume_keeps_one_row_per_input_row_without_ids_and_with_repeated_ids(tmp_path):
+    """Rows without an id or with a repeated id cannot be told apart in the output: when an interrupted run
+    wrote fewer of them than the input holds, the rerun runs the group again, never one row twice or none."""
+    rows = [{"id": "a", "prompt": "Say hi."}, {"id": "b", "prompt": "Say bye."}, {"id": "twin", "prompt": "Say yes."},
+            {"id": "twin", "prompt": "Say no."}, {"prompt": "Say why."}, {"prompt": "Say how."}]  # fmt: skip
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = GenerateConfig(inputs=(str(tmp_path / "in.jsonl"),), output=str(tmp_path / "out"),
+                            steering=SteeringConfig(method="zero-shot", max_new_tokens=2))  # fmt: skip
+    generate(config, progress=False)
+    want = Counter(r.get("id") for r in rows)
+    assert Counter(r["id"] for r in read_output(tmp_path / "out")) == want
+
+    # an interruption that kept "b", one twin and one row without an id
+    written = pads.dataset(str(tmp_path / "out" / "data"), format="parquet").to_table()
+    for path in (tmp_path / "out" / "data").glob("*.parquet"):
+        path.unlink()
+    kept = [written.column("id").to_pylist().index(i) for i in ("b", "twin", None)]
+    pq.write_table(written.take(kept), tmp_path / "out" / "data" / "kept.parquet")
+
+    report = generate(config, progress=False)
+    assert (report.rows, report.skipped) == (5, 1)  # a, both twins and both rows without an id
+    after = read_output(tmp_path / "out")
+    assert Counter(r["id"] for r in after) == want
+    assert {r["error"] for r in after if r["id"] in ("twin", None)} == {
+        "id: 'twin' appears 2 times in the input; ids must be unique", "id: missing or empty"
+    }  # fmt: skip
+    again = generate(config, progress=False)
+    assert (again.rows, again.skipped) == (0, 6)
+
+
+def test_a_rerun_in_another_dtype_is_refused_until_the_dtype_is_named(tmp_path):
+    """Rows written in float32 (the CPU's default) are not joined by rows in another dtype: a CPU run
+    resumed on a GPU would otherwise mix precisions without a changed option to show it."""
+    rows = [{"id": f"r{i}", "prompt": f"Say {word}."} for i, word in enumerate(["hi", "bye"])]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    def config(**options) -> GenerateConfig:
+        steering = SteeringConfig(method="zero-shot", max_new_tokens=2)
+        return GenerateConfig(inputs=(str(tmp_path / "in.jsonl"),), output=str(tmp_path / "out"), steering=steering,
+                              **options)  # fmt: skip
+
+    generate(config(), progress=False)
+    assert generate(config(dtype="bfloat16"), progress=False).skipped == 2  # nothing to add: nothing mixes
+    written = pads.dataset(str(tmp_path / "out" / "data"), format="parquet").to_table()
+    for path in (tmp_path / "out" / "data").glob("*.parquet"):
+        path.unlink()
+    pq.write_table(written.slice(0, 1), tmp_path / "out" / "data" / "kept.parquet")  # one row lost
+    with pytest.raises(ValueError, match="holds rows generated in float32; this run would generate in bfloat16: "
+                                         "pass --dtype float32"):  # fmt: skip
+        generate(config(dtype="bfloat16"), progress=False)
+    report = generate(config(dtype="float32"), progress=False)
+    assert (report.rows, report.skipped) == (1, 1)
+    assert {r["model"] for r in read_output(tmp_path / "out")} == {"smollm2-135m@float32"}
 
 
 def test_a_row_the_chat_template_refuses_is_an_error_row_and_the_run_goes_on(smollm2, tmp_path):

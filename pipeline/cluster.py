@@ -139,6 +139,14 @@ def on_this_node() -> dict[str, object]:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
+def largest_node_cpus() -> float:
+    """The CPUs of the cluster's largest live node: an actor's torch threads share one node's cores, so
+    the cluster's total over-counts them on several nodes."""
+    import ray
+
+    return max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=1.0)
+
+
 def describe_resources(resources: dict[str, float]) -> str:
     """``CPU 2, GPU 0``, plus any accelerator types the cluster names."""
     shown = {"CPU": resources.get("CPU", 0.0), "GPU": resources.get("GPU", 0.0)}

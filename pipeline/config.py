@@ -18,7 +18,8 @@ class GenerateConfig:
     actors: model copies; ``None``: one per ``gpus_per_actor`` GPUs in the cluster, or one without GPUs.
     gpus_per_actor: ``None`` gives each actor one GPU when the cluster has GPUs, else none.
     cpus_per_actor: ``None`` shares the CPUs left after one for Ray Data's read and write tasks.
-    threads_per_actor: torch threads of a CPU actor; ``None`` shares the cluster's CPUs between actors.
+    threads_per_actor: torch threads of a CPU actor; ``None`` shares the cluster's CPUs between actors, at most
+        one node's.
     batch_size: rows an actor decodes together; ``None``, each batch as large as the memory plan lets it
         be (:mod:`directer.memory`), at most 16 on a CPU and 128 on a GPU.
     memory_fraction: the share of an actor's device memory its batches may fill (of its GPUs' share

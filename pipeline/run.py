@@ -29,6 +29,7 @@ from pipeline.cluster import (
     actor_start_error,
     hide_native_lines,
     init_ray,
+    largest_node_cpus,
     on_this_node,
 )
 from pipeline.config import GenerateConfig
@@ -86,12 +87,16 @@ def check_model(config: GenerateConfig) -> None:
     plan.check(config.batch_size or 1)
 
 
-def plan_resources(config: GenerateConfig, resources: dict[str, float]) -> GenerateConfig:
-    """Fill in actors, GPUs, CPUs and threads per actor from the cluster's ``resources``.
+def plan_resources(
+    config: GenerateConfig, resources: dict[str, float], node_cpus: float | None = None
+) -> GenerateConfig:
+    """Fill in actors, GPUs, CPUs and threads per actor from the cluster's ``resources`` (``node_cpus``: its
+    largest node's CPUs; default: all of them on one node).
 
     With G GPUs and ``g`` GPUs per actor, G // g actors run (one GPU each by default); without GPUs,
     CPU actors get fractional CPUs so that one CPU stays free for Ray Data's read and write tasks
-    (actors holding every CPU can starve them and hang).
+    (actors holding every CPU can starve them and hang). A CPU actor's torch threads share the CPUs
+    between the actors, and never outnumber one node's.
     """
     cluster_gpus, cluster_cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     gpus = config.gpus_per_actor
@@ -103,7 +108,8 @@ def plan_resources(config: GenerateConfig, resources: dict[str, float]) -> Gener
     cpus = config.cpus_per_actor
     if cpus is None:
         cpus = 1.0 if gpus else min(max((cluster_cpus - 1) / actors, 0.25), 4.0)
-    threads = config.threads_per_actor or max(1, int(cluster_cpus // actors))
+    node_cpus = cluster_cpus if node_cpus is None else min(node_cpus, cluster_cpus)
+    threads = config.threads_per_actor or max(1, int(min(node_cpus, cluster_cpus // actors)))
     return replace(config, actors=actors, gpus_per_actor=gpus, cpus_per_actor=cpus, threads_per_actor=threads)
 
 
@@ -168,7 +174,7 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
     # their footers once the model actors are up: the first batch reached an actor 9.4-9.8 s after
     # it was ready, against 3.6-4.6 s with the first reader (BENCHMARKS.md)
     context.use_datasource_v2 = False
-    config = plan_resources(config, ray.cluster_resources())
+    config = plan_resources(config, ray.cluster_resources(), largest_node_cpus())
     report.seconds["startup"] = time.perf_counter() - started
 
     todo = resume.todo(ids)

@@ -29,8 +29,9 @@ def test_cluster_yaml_is_valid_for_the_ray_launcher():
         validate_config(prepare_config(broken))
 
 
-def plan(resources, **fields):
-    return plan_resources(GenerateConfig(inputs=("x",), output="y", steering=SteeringConfig(), **fields), resources)
+def plan(resources, node_cpus=None, **fields):
+    config = GenerateConfig(inputs=("x",), output="y", steering=SteeringConfig(), **fields)
+    return plan_resources(config, resources, node_cpus)
 
 
 def test_one_actor_per_gpu_by_default():
@@ -48,6 +49,13 @@ def test_cpu_actors_leave_a_cpu_for_reads_and_writes():
     assert planned.gpus_per_actor == 0 and planned.cpus_per_actor == 0.5 and planned.threads_per_actor == 1
     single = plan({"CPU": 2})
     assert single.actors == 1 and single.cpus_per_actor == 1.0 and single.threads_per_actor == 2
+
+
+def test_a_cpu_actor_s_threads_never_outnumber_one_node_s_cpus():
+    """On two 16-CPU nodes one actor runs 16 threads, not the cluster's 32 on 16 cores; four share them."""
+    assert plan({"CPU": 32}, node_cpus=16).threads_per_actor == 16
+    assert plan({"CPU": 32}, node_cpus=16, actors=4).threads_per_actor == 8
+    assert plan({"CPU": 32}, actors=4).threads_per_actor == 8  # one node
 
 
 def test_explicit_choices_win():

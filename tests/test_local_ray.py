@@ -178,7 +178,8 @@ config = GenerateConfig(inputs=(inputs,), output=output, steering=SteeringConfig
 report = generate(config, progress=False)
 here = ray.get_runtime_context().get_node_id()
 tasks = [(t.name, t.node_id == here) for t in list_tasks(limit=10_000, detail=True)]
-print(json.dumps({"ok": report.ok, "tasks": tasks}))
+threads = json.load(open(f"{output}/run.json"))["config"]["threads_per_actor"]
+print(json.dumps({"ok": report.ok, "tasks": tasks, "threads": threads}))
 ray.shutdown()
 cluster.shutdown()
 """
@@ -196,6 +197,7 @@ def test_on_two_nodes_the_driver_s_node_reads_the_inputs_and_writes_the_rows(tmp
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads(result.stdout.strip().splitlines()[-1])
     assert run["ok"] == 24 and len(rows_written(tmp_path / "out")) == 24
+    assert run["threads"] == 6  # the actor's node's CPUs, not the cluster's 7
     io = [(name, here) for name, here in run["tasks"] if name.startswith(("ReadBinary", "Write"))]
     assert io and all(here for _, here in io), io
     model = [here for name, here in run["tasks"] if name.startswith("MapWorker(MapBatches(GenerateStage))")]

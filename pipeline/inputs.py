@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import json
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,16 +153,13 @@ def duplicate_ids(ids: list[object]) -> dict[str, int]:
 
 
 def read_dataset(
-    sources: list[Source], conform: dict[str, pa.DataType | None] | None = None, remote_args: dict | None = None
+    sources: list[Source], conform: dict[str, pa.DataType | None] | None = None, placement: dict | None = None
 ):
     """One Ray dataset over every source, its columns typed alike (``conform``: see :class:`Survey`), its
-    files read by tasks with ``remote_args`` (where to run: where the paths are; Ray Data 2.60 takes a
-    scheduling strategy for reads only there, and deprecates it for 2.64 without a named replacement yet)."""
+    files read by tasks placed by ``placement`` (a read's named remote parameters: where the paths are)."""
     import ray.data
 
-    # Ray Data 2.60 deprecates ray_remote_args for reads without a named scheduling strategy to use
-    # instead: its warning would reach every user's terminal
-    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=Warning)
+    placement = placement or {}
     typed, datasets = [], []  # typed: text fields as their files typed them, for normalize_types
     for source in sources:
         if source.kind == "parquet":
@@ -172,11 +168,11 @@ def read_dataset(
             by_schema: dict[str, list[str]] = {}
             for path in source.paths:
                 by_schema.setdefault(pq.read_schema(path).remove_metadata().to_string(), []).append(path)
-            typed += [ray.data.read_parquet(paths, ray_remote_args=remote_args) for paths in by_schema.values()]
+            typed += [ray.data.read_parquet(paths, **placement) for paths in by_schema.values()]
         elif source.kind == "json":
             # each line parsed on its own: rows of different forms keep only their own fields; read as
             # bytes (read_text fails a whole file on one invalid byte, and splits lines at U+2028)
-            files = ray.data.read_binary_files(list(source.paths), ray_remote_args=remote_args)
+            files = ray.data.read_binary_files(list(source.paths), **placement)
             datasets.append(files.map_batches(parse_json_lines, batch_format="pyarrow", fn_args=(conform or {},)))
         else:
             import datasets as hf_datasets

@@ -160,7 +160,7 @@ def test_a_terminal_shows_one_bar_of_the_rows_written(tmp_path):
 
 
 TWO_NODES = """
-import json, sys
+import json, sys, warnings
 import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_tasks
@@ -169,6 +169,7 @@ from pipeline.config import GenerateConfig
 from pipeline.run import generate
 
 inputs, output = sys.argv[1:]
+warnings.filterwarnings("error", message="`ray_remote_args` is deprecated")  # placement by name, as Ray asks
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 cluster.add_node(num_cpus=6)  # the actor takes 2: 4 CPUs to spare where Ray Data could send read and write tasks
 cluster.wait_for_nodes()

@@ -67,6 +67,10 @@ class RunOutput:
         return self.folder / "data"
 
     @property
+    def broken_dir(self) -> Path:
+        return self.folder / "broken"
+
+    @property
     def manifest_path(self) -> Path:
         return self.folder / "run.json"
 
@@ -125,14 +129,16 @@ class RunOutput:
         return None if columns is None else [c for c in columns if c in dataset.schema.names]
 
     def read_keys(self, columns: list[str]) -> pa.Table:
-        """Text ``columns`` of every row written (what a rerun decides by), skipping unreadable files (not one
-        this version writes; renamed ``.broken`` so their rows run again)."""
+        """Text ``columns`` of every row written (what a rerun decides by). An unreadable file (not one this
+        version writes: a disk's damage) is moved to ``broken/``, out of the way of every reader of
+        ``data/``, and its rows run again."""
         tables = [pa.table({name: pa.array([], pa.string()) for name in columns})]
         for path in self.files():
             try:
                 tables.append(pads.dataset(str(path), format="parquet").to_table(columns=columns))
             except (pa.ArrowInvalid, OSError):
-                path.rename(path.with_suffix(".parquet.broken"))
+                self.broken_dir.mkdir(exist_ok=True)
+                path.rename(self.broken_dir / path.name)
         return pa.concat_tables(tables, promote_options="permissive")
 
     def remove_rows(self, drop: Callable[[pa.Table], pa.Array], columns: list[str]) -> None:

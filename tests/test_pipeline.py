@@ -268,9 +268,11 @@ def test_resume_keeps_one_row_per_input_row_without_ids_and_with_repeated_ids(tm
         path.unlink()
     kept = [written.column("id").to_pylist().index(i) for i in ("b", "twin", None)]
     pq.write_table(written.take(kept), tmp_path / "out" / "data" / "kept.parquet")
+    (tmp_path / "out" / "data" / "torn.parquet").write_bytes(b"PAR1 not a whole file")  # a disk's damage
 
     report = generate(config, progress=False)
     assert (report.rows, report.skipped) == (5, 1)  # a, both twins and both rows without an id
+    assert (tmp_path / "out" / "broken" / "torn.parquet").exists()  # set aside, out of data/, not lost
     after = read_output(tmp_path / "out")
     assert Counter(r["id"] for r in after) == want
     assert {r["error"] for r in after if r["id"] in ("twin", None)} == {

@@ -153,9 +153,8 @@ class Directer:
         for prompt in prompts:
             check_fits(prompt, config.max_new_tokens, self.loaded.context_length)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].token_ids))
-        plan = self.plan_batch(prompts, config)  # every row is laid out for the longest prompt
-        size = min(len(prompts), batch_size or plan.chosen_batch(self.loaded.device.type) or 1)
-        plan.check(size)
+        size = self.batch_size_for(prompts, config, batch_size)
+        self.plan_batch(prompts, config).check(size)
         requests = [
             Request(
                 prompts[i].token_ids,
@@ -184,6 +183,12 @@ class Directer:
         """The memory batches may fill: of every device holding part of the model."""
         devices = {parameter.device for parameter in self.loaded.model.parameters()}
         return sum(device_budget(device, self.memory_fraction) for device in devices)
+
+    def batch_size_for(self, prompts: Sequence[Prompt], config: SteeringConfig, batch_size: int | None = None) -> int:
+        """The rows :meth:`complete` decodes together: ``batch_size``, else as many as the memory plan lets
+        fit (every row is laid out for the longest prompt); never more than there are prompts."""
+        chosen = batch_size or self.plan_batch(prompts, config).chosen_batch(self.loaded.device.type) or 1
+        return min(len(prompts), chosen)
 
     def plan_batch(self, prompts: Sequence[Prompt], config: SteeringConfig) -> MemoryPlan:
         """The memory plan of one batch of ``prompts`` (its longest prompt and longest instruction)."""

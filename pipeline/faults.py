@@ -6,8 +6,9 @@ real run: ``DIRECTER_INJECT_FAULT`` (read by the model actors and the output wri
   lost node would end it);
 - ``disk-full:<n>``: a write into an output folder that already holds ``n`` complete files fails as a
   full disk does (``ENOSPC``), after part of the file is written;
-- ``out-of-memory:<id>``: the engine fails on every batch holding the row ``<id>`` as a device out of
-  memory does.
+- ``out-of-memory:<id>``: the engine fails on every call holding the row ``<id>`` as a device out of
+  memory does;
+- ``out-of-memory-above:<n>``: the engine fails so on every call decoding more than ``n`` rows together.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ def maybe_fill_disk(folder: Path) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def maybe_run_out_of_memory(ids: list[str | None]) -> None:
-    """``out-of-memory``: raise what a device out of memory raises when ``ids`` hold the row named."""
-    row = _fault("out-of-memory")
-    if row is not None and row in ids:
+def maybe_run_out_of_memory(ids: list[str | None], batch_size: int) -> None:
+    """``out-of-memory`` and ``out-of-memory-above``: raise what a device out of memory raises for a call
+    decoding the rows ``ids``, ``batch_size`` of them together."""
+    row, above = _fault("out-of-memory"), _fault("out-of-memory-above")
+    if (row is not None and row in ids) or (above is not None and batch_size > int(above)):
         import torch
 
-        raise torch.OutOfMemoryError(f"injected for row {row}")
+        raise torch.OutOfMemoryError(f"injected for rows {', '.join(map(str, ids))}, {batch_size} together")

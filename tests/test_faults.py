@@ -4,6 +4,7 @@ counts. Faults are injected with ``DIRECTER_INJECT_FAULT`` (``pipeline/faults.py
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -85,7 +86,7 @@ def test_a_row_out_of_memory_is_an_error_row_and_the_rerun_runs_it_again(clean, 
     assert "6 written (5 ok, 1 error)" in first.stdout
     data = tmp_path / "out" / "data"
     rows = {r["id"]: r for r in pads.dataset(str(data), format="parquet").to_table().to_pylist()}
-    assert rows["row-3"]["error"] == "engine: OutOfMemoryError: injected for row row-3"
+    assert rows["row-3"]["error"] == "engine: OutOfMemoryError: injected for rows row-3, 1 together"
     untouched = {path: path.stat().st_mtime_ns for path in data.glob("*.parquet") if "row-3" not in ids_in(path)}
 
     rerun = run(tmp_path, "out")
@@ -93,3 +94,33 @@ def test_a_row_out_of_memory_is_an_error_row_and_the_rerun_runs_it_again(clean, 
     assert "1 written (1 ok, 0 error), 5 already done, 1 retried" in rerun.stdout
     assert completions(tmp_path / "out") == clean
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in untouched.items())
+
+
+def test_a_call_out_of_memory_is_split_in_halves_not_run_row_by_row(tmp_path, monkeypatch):
+    """A call that fails is retried as two halves, each decoding at most half as many rows together, down
+    to the size that fits: rows come out as a clean call gives them, and no row decodes alone."""
+    import pyarrow as pa
+
+    from directer import SteeringConfig
+    from directer.steering import STEERERS
+    from pipeline.config import GenerateConfig
+    from pipeline.stage import GenerateStage
+
+    rows = [json.loads(line) for line in write_rows(tmp_path / "in.jsonl", 8).read_text().splitlines()]
+    config = GenerateConfig(inputs=("in.jsonl",), output=str(tmp_path / "out"), batch_size=8, gpus_per_actor=0,
+                            steering=SteeringConfig(max_new_tokens=4))  # fmt: skip
+    stage = GenerateStage(config, {}, STEERERS["directer"])
+    clean = stage(pa.Table.from_pylist(rows)).select(["id", "status", "token_ids"]).to_pylist()
+
+    calls = []
+    complete = stage.directer.complete
+
+    def recorded(prompts, steering, batch_size, *rest):
+        calls.append((len(prompts), batch_size))
+        return complete(prompts, steering, batch_size, *rest)
+
+    monkeypatch.setattr(stage.directer, "complete", recorded)
+    monkeypatch.setenv("DIRECTER_INJECT_FAULT", "out-of-memory-above:2")
+    split = stage(pa.Table.from_pylist(rows)).select(["id", "status", "token_ids"]).to_pylist()
+    assert split == clean and {row["status"] for row in split} == {"ok"}
+    assert calls == [(2, 2)] * 4  # 8 together failed, then 4 and 4 (the fault comes before the engine)

@@ -144,7 +144,7 @@ class GenerateStage:
         """Completions of the well-formed rows. A call that fails (a device out of memory, one row's failure)
         is split in two, each half decoding at most half as many rows together, down to single rows: only
         a row that fails alone becomes an error row, and a batch too large for the device is retried
-        smaller, not row by row (at batch size 1 a GPU's call of 512 rows takes about as long as 100)."""
+        smaller, not row by row (on a GPU a pass of dozens of rows costs about what a pass of one does)."""
         rankings = {i: self.cache.get(prompt) if self.cache else None for i, prompt in prompts.items()}
         # a row without an instruction span is not steered and has no ranking: no cache status
         hits = {i: "hit" if r is not None else "miss" for i, r in rankings.items() if self.cache and prompts[i].span}

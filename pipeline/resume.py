@@ -125,7 +125,8 @@ def failed_by_the_run(rows: pa.Table) -> pa.Array:
 
 def plan_resume(output: RunOutput, ids: list[object], duplicates: dict[str, int]) -> Resume:
     """What a rerun over input rows with ``ids`` (``duplicates``: the ids repeated, with their counts)
-    skips and runs again, from what ``output`` holds; changes nothing."""
+    skips and runs again, from what ``output`` holds; changes nothing there but setting aside unreadable
+    files (:meth:`RunOutput.read_keys`)."""
     written = output.read_keys(KEYS)
     counts = Counter(i for i in written.column("id").to_pylist() if i is None or i in duplicates)
     repeated_again = sorted(key for key, count in duplicates.items() if counts[key] < count)

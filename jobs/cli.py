@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import re
 import shlex
@@ -676,17 +677,17 @@ def spans(
     """
 
     from directer.spans import DETECTOR, find_instruction_spans
-    from pipeline.inputs import JSON_SUFFIXES, READ_ERROR, read_rows
+    from pipeline.inputs import JSON_SUFFIXES, READ_ERROR, iter_rows
     from pipeline.rows import user_message
 
     path = Path(source)
     if path.suffix in (*JSON_SUFFIXES, ".parquet") and path.is_file():
-        rows = read_rows(path)
+        rows = iter_rows(path)
     else:
-        rows = [{"id": None, "prompt": source}]
+        rows = iter([{"id": None, "prompt": source}])
     console = Console()
-    for index, row in enumerate(rows[:limit]):
-        name = row.get("id") or (f"row {index}" if len(rows) > 1 or path.is_file() else "prompt")
+    for index, row in enumerate(itertools.islice(rows, limit)):
+        name = row.get("id") or (f"row {index}" if path.is_file() else "prompt")
         try:
             message = None if row.get(READ_ERROR) else user_message(row)
         except (KeyError, TypeError, IndexError):

@@ -7,6 +7,7 @@ and method), and the report (``summary.json``, ``report.md``, ``report.html``, P
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from directer.models import DEFAULT_MODEL
 from directer.scoring import score_response
 from directer.steering import STEERERS
 from pipeline.config import GenerateConfig
-from pipeline.inputs import READ_ERROR, InputError, read_rows, rows_to_table
+from pipeline.inputs import READ_ERROR, InputError, iter_rows, rows_to_table
 from pipeline.outputs import RunOutput, replacing
 from pipeline.resume import check_resumable
 from pipeline.rows import user_message
@@ -101,8 +102,7 @@ def load_rows(config: EvalConfig) -> list[dict[str, Any]]:
     path = Path(config.benchmark)
     if not path.is_file():
         raise InputError(f"benchmark is neither 'ifeval' nor a file: {config.benchmark}")
-    rows = read_rows(path)
-    rows = rows[: config.limit]
+    rows = list(itertools.islice(iter_rows(path), config.limit))
     for index, row in enumerate(rows):
         if row.get("id") is None and row.get("key") is not None:
             row["id"] = str(row["key"])

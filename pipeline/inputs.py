@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +20,9 @@ TEXT_FIELDS = ("id", "prompt", "instruction", "task")
 STRUCTURED_FIELDS = ("instruction_spans", "messages")
 TYPE_ERRORS = "_type_errors"  # internal column: "field=type" for input fields of the wrong type
 READ_ERROR = "_read_error"  # internal column: why a JSON line could not be read as a row
+# a JSON-lines file is surveyed and read in parts of about this size, cut after a line end: a file of
+# millions of rows is never parsed whole in one process (400 MB of JSON lines took 1.7 GB so)
+JSON_PART_BYTES = 16 << 20
 
 
 class InputError(ValueError):
@@ -86,12 +91,63 @@ class Survey:
 
     ids: list[object]
     conform: dict[str, pa.DataType | None]
+    json_parts: list[JsonPart]
+
+
+@dataclass(frozen=True)
+class JsonPart:
+    """Bytes ``[start, end)`` of a JSON file: whole lines of a JSON-lines file, or the whole of a file
+    that opens with ``[`` (see :func:`json_file_rows`)."""
+
+    path: str
+    start: int
+    end: int
+
+    def rows(self) -> list[dict]:
+        with open(self.path, "rb") as file:
+            file.seek(self.start)
+            data = file.read(self.end - self.start)
+        # a later part holds only whole lines, whatever its first line opens with
+        return json_file_rows(data) if self.start == 0 else [_json_row(line) for line in split_lines(data)]
+
+
+def json_parts(path: str) -> list[JsonPart]:
+    """A JSON file's parts: a JSON-lines file cut after the first line end past every
+    :data:`JSON_PART_BYTES`, a file that opens with ``[`` (a JSON array) whole."""
+    size = os.path.getsize(path)
+    parts, start = [], 0
+    with open(path, "rb") as file:
+        if _first_byte(file) == b"[":
+            return [JsonPart(path, 0, size)]
+        while start < size:
+            end = min(start + JSON_PART_BYTES, size)
+            file.seek(end)
+            while end < size:
+                block = file.read(1 << 20)
+                cut = block.find(b"\n")
+                if cut >= 0 or not block:
+                    end = end + cut + 1 if cut >= 0 else size
+                    break
+                end += len(block)
+            parts.append(JsonPart(path, start, end))
+            start = end
+    return parts
+
+
+def _first_byte(file) -> bytes:
+    """The file's first byte that is not whitespace (``b""`` when there is none)."""
+    while block := file.read(1 << 16):
+        if text := block.lstrip():
+            return text[:1]
+    return b""
 
 
 def survey(sources: list[Source]) -> Survey:
-    """Ids read column-only (JSON lines parsed), types from the Parquet footers and the parsed lines."""
+    """Ids read column-only (JSON files parsed a part at a time), types from the Parquet footers and the
+    parsed lines."""
     ids: list[object] = []
     types: dict[str, set[pa.DataType]] = {}
+    parts: list[JsonPart] = []
 
     def add(schema: pa.Schema) -> None:
         for field in schema:
@@ -108,9 +164,11 @@ def survey(sources: list[Source]) -> Survey:
             continue
         for path in source.paths:
             if source.kind == "json":
-                rows = read_json_rows(path)
-                ids += [row.get("id") for row in rows]
-                add(rows_to_table(rows).schema)
+                for part in json_parts(path):
+                    rows = part.rows()
+                    ids += [row.get("id") for row in rows]
+                    add(rows_to_table(rows).schema)
+                    parts.append(part)
                 continue
             dataset = pads.dataset(path, format="parquet")
             add(dataset.schema)
@@ -120,7 +178,8 @@ def survey(sources: list[Source]) -> Survey:
                 ids += [None] * dataset.count_rows()
     # a column all null in one shard (JSON lines that lack it) takes the type the others give it
     drifting = {name: kinds - {pa.null()} or kinds for name, kinds in types.items() if len(kinds) > 1}
-    return Survey(ids, {name: None if name in STRUCTURED_FIELDS else _unified(k) for name, k in drifting.items()})
+    conform = {name: None if name in STRUCTURED_FIELDS else _unified(k) for name, k in drifting.items()}
+    return Survey(ids, conform, parts)
 
 
 def _unified(kinds: set[pa.DataType]) -> pa.DataType | None:
@@ -152,14 +211,13 @@ def duplicate_ids(ids: list[object]) -> dict[str, int]:
     return {i: n for i, n in counts.items() if n > 1}
 
 
-def read_dataset(
-    sources: list[Source], conform: dict[str, pa.DataType | None] | None = None, placement: dict | None = None
-):
-    """One Ray dataset over every source, its columns typed alike (``conform``: see :class:`Survey`), its
-    files read by tasks placed by ``placement`` (a read's named remote parameters: where the paths are)."""
+def read_dataset(sources: list[Source], inputs: Survey, placement: dict | None = None):
+    """One Ray dataset over every source, its columns typed alike (``inputs.conform``), its files read by
+    tasks placed by ``placement`` (a read's named remote parameters: where the paths are); JSON files a
+    part at a time (``inputs.json_parts``)."""
     import ray.data
 
-    placement = placement or {}
+    placement, conform = placement or {}, inputs.conform
     typed, datasets = [], []  # typed: text fields as their files typed them, for normalize_types
     for source in sources:
         if source.kind == "parquet":
@@ -171,30 +229,35 @@ def read_dataset(
             typed += [ray.data.read_parquet(paths, **placement) for paths in by_schema.values()]
         elif source.kind == "json":
             # each line parsed on its own: rows of different forms keep only their own fields; read as
-            # bytes (read_text fails a whole file on one invalid byte, and splits lines at U+2028)
-            files = ray.data.read_binary_files(list(source.paths), **placement)
-            datasets.append(files.map_batches(parse_json_lines, batch_format="pyarrow", fn_args=(conform or {},)))
+            # bytes (read_text fails a whole file on one invalid byte, and splits lines at U+2028), a part
+            # of a file per task
+            parts = [asdict(part) for part in inputs.json_parts]
+            if not parts:  # empty files only
+                continue
+            datasets.append(
+                ray.data.from_items(parts, override_num_blocks=len(parts)).map_batches(
+                    parse_json_parts, batch_size=1, batch_format="pyarrow", fn_args=(conform,), **placement
+                )
+            )
         else:
             import datasets as hf_datasets
 
             typed.append(ray.data.from_huggingface(hf_datasets.load_from_disk(source.paths[0])))
-    # one schema for the known fields (parse_json_lines already writes JSON rows so)
-    datasets += [
-        dataset.map_batches(normalize_types, batch_format="pyarrow", fn_args=(conform or {},)) for dataset in typed
-    ]
+    # one schema for the known fields (parse_json_parts already writes JSON rows so)
+    datasets += [dataset.map_batches(normalize_types, batch_format="pyarrow", fn_args=(conform,)) for dataset in typed]
     first, *rest = datasets
     return first.union(*rest) if rest else first
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """The rows of one Parquet or JSON file, into Python (a benchmark, a plan, a preview: not a run's
-    inputs, which Ray Data reads)."""
-    return read_json_rows(path) if Path(path).suffix in JSON_SUFFIXES else pq.read_table(path).to_pylist()
-
-
-def read_json_rows(path: str | Path) -> list[dict]:
-    """The rows of a JSON file (see :func:`json_file_rows`)."""
-    return json_file_rows(Path(path).read_bytes())
+def iter_rows(path: str | Path) -> Iterator[dict]:
+    """The rows of one Parquet or JSON file as Python dicts, a Parquet batch or a JSON part at a time (a
+    plan, a preview, an evaluation's rows: not a run's inputs, which Ray Data reads)."""
+    if Path(path).suffix in JSON_SUFFIXES:
+        for part in json_parts(str(path)):
+            yield from part.rows()
+    else:
+        for batch in pq.ParquetFile(path).iter_batches():
+            yield from batch.to_pylist()
 
 
 def json_file_rows(data: bytes) -> list[dict]:
@@ -232,12 +295,12 @@ def _json_row(line: bytes) -> dict:
     return row if isinstance(row, dict) else {READ_ERROR: f"not a JSON object but {type(row).__name__}"}
 
 
-def parse_json_lines(batch: pa.Table, conform: dict[str, pa.DataType | None]) -> pa.Table:
-    """Arrow rows from JSON files (``read_binary_files``' ``bytes``; see :func:`json_file_rows`). A field a
-    row lacks stays null (not NaN), a column keeps its Arrow type (lists stay lists), and a column whose
-    values disagree in type is kept as JSON text; a text field of the wrong type is written as text and noted in
+def parse_json_parts(batch: pa.Table, conform: dict[str, pa.DataType | None]) -> pa.Table:
+    """Arrow rows from parts of JSON files (rows of :class:`JsonPart` fields). A field a row lacks stays
+    null (not NaN), a column keeps its Arrow type (lists stay lists), and a column whose values disagree in
+    type is kept as JSON text; a text field of the wrong type is written as text and noted in
     ``TYPE_ERRORS``, as :func:`normalize_types` does for typed files."""
-    rows = [row for data in batch.column("bytes").to_pylist() for row in json_file_rows(data)]
+    rows = [row for part in batch.to_pylist() for row in JsonPart(**part).rows()]
     notes: list[list[str]] = [[] for _ in rows]
     for row, note in zip(rows, notes):
         for name in TEXT_FIELDS:

@@ -11,7 +11,7 @@ from directer.config import SteeringConfig
 from directer.memory import GIB, MemoryPlan, ModelShape, device_budget, plan_memory
 from directer.models import default_dtype, load_tokenizer, model_config, parse_dtype
 from directer.prompts import PromptError, prompt_from_row
-from pipeline.inputs import JSON_SUFFIXES, InputError, read_rows
+from pipeline.inputs import JSON_SUFFIXES, InputError, iter_rows
 
 
 @dataclass
@@ -84,8 +84,7 @@ def _longest(model: str, inputs: list[str], trust: bool) -> tuple[int, int, int]
         path = Path(name)
         if not path.is_file() or path.suffix not in (*JSON_SUFFIXES, ".parquet"):
             raise InputError(f"{name}: not a .jsonl or .parquet file")
-        rows = read_rows(path)
-        for row in rows:
+        for row in iter_rows(path):
             try:
                 prompt = prompt_from_row(tokenizer, row)
             except (PromptError, KeyError, TypeError, ValueError):

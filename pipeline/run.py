@@ -187,9 +187,7 @@ def generate(config: GenerateConfig, progress: bool = True, command: str | None 
         # streaming re-blocking: enough blocks to keep every actor busy and to write (and resume) as
         # results come, whatever the input files' sizes
         block_rows = rows_per_block(todo, config)
-        dataset = read_dataset(sources, inputs.conform, on_this_node()).repartition(
-            target_num_rows_per_block=block_rows
-        )
+        dataset = read_dataset(sources, inputs, on_this_node()).repartition(target_num_rows_per_block=block_rows)
         if report.skipped:  # a rerun
             dataset = dataset.map_batches(
                 drop_done,

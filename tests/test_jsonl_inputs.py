@@ -1,5 +1,6 @@
 """JSONL rows of different forms in one file: absent fields stay absent, passed-through columns keep
-their Arrow types, a bad id or a bad line is an error row, and the export keeps the whole conversation."""
+their Arrow types, a bad id or a bad line is an error row, and the export keeps the whole conversation;
+a file read in parts gives the rows it gives read whole."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import json
 import datasets
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pytest
 
 from directer import SteeringConfig
+from pipeline import inputs
 from pipeline.config import GenerateConfig
 from pipeline.export import ExportConfig, export
+from pipeline.inputs import json_file_rows, json_parts
 from pipeline.run import generate
 
 ROWS = [
@@ -24,10 +28,13 @@ ROWS = [
 ]  # fmt: skip
 
 
-def test_mixed_forms_in_one_jsonl_file(tmp_path):
+@pytest.mark.parametrize("part_bytes", [inputs.JSON_PART_BYTES, 100], ids=["whole", "in parts"])
+def test_mixed_forms_in_one_jsonl_file(tmp_path, monkeypatch, part_bytes):
+    monkeypatch.setattr(inputs, "JSON_PART_BYTES", part_bytes)
     source = tmp_path / "rows.jsonl"
     lines = [json.dumps(row, ensure_ascii=False) for row in ROWS]
     source.write_text("\n".join([*lines[:2], "{not json", *lines[2:]]) + "\n")
+    assert (len(json_parts(str(source))) > 1) == (part_bytes < source.stat().st_size)
     output = tmp_path / "out"
     config = GenerateConfig(inputs=(str(source),), output=str(output), steering=SteeringConfig(max_new_tokens=4))
     generate(config, progress=False)
@@ -55,3 +62,36 @@ def test_mixed_forms_in_one_jsonl_file(tmp_path):
     report = export(ExportConfig(runs=(str(output),), output=str(tmp_path / "train"), format="parquet", verify=True))
     assert report.counts[-1] == ("verified (strict), and 4 rows without checker fields kept unverified", 4)
     assert not (tmp_path / "train" / "train.jsonl").exists()  # the earlier export is gone, not left beside
+
+
+LINES = [
+    b'{"id": "a", "prompt": "One."}',
+    b"   ",  # a blank line: no row
+    b"{not json",
+    b'{"id": "b", "prompt": "Two \xe2\x80\xa8 lines."}',  # U+2028 inside a string: not a line break
+    b'[{"id": "c"}]',  # a line holding a list: an error row, wherever a part begins
+    b'{"id": "d", "prompt": "\xff"}',  # not UTF-8
+    b'{"id": "e", "prompt": "Three."}\r',  # a CRLF line end
+    b"[1, 2]",
+    b'{"id": "f", "prompt": "Four."}',
+]
+ARRAY = b'  \n[\n  {"id": "a", "prompt": "One."},\n  {"id": "b",\n   "prompt": "Two."},\n  3\n]\n'
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\n".join(LINES) + b"\n", b"\n".join(LINES), b"\n".join(LINES[4:]), ARRAY, b"", b"\n\n"],
+    ids=["lines", "no last line end", "opens with a list", "array", "empty", "blank"],
+)
+@pytest.mark.parametrize("part_bytes", [1, 7, 40, 1 << 20])
+def test_a_json_file_in_parts_gives_the_rows_of_the_whole(tmp_path, monkeypatch, data, part_bytes):
+    monkeypatch.setattr(inputs, "JSON_PART_BYTES", part_bytes)
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(data)
+    parts = json_parts(str(path))
+    assert [(p.start, p.end) for p in parts] == list(zip([0, *[p.end for p in parts[:-1]]], [p.end for p in parts]))
+    assert (parts[-1].end if parts else 0) == len(data)
+    assert all(data[p.end - 1 : p.end] == b"\n" for p in parts[:-1])  # every part but the last ends a line
+    if data.lstrip()[:1] != b"[" and len(data) > part_bytes + 60:
+        assert len(parts) > 1
+    assert [row for part in parts for row in part.rows()] == json_file_rows(data)

@@ -231,7 +231,7 @@ def read_dataset(sources: list[Source], inputs: Survey, placement: dict | None =
             # each line parsed on its own: rows of different forms keep only their own fields; read as
             # bytes (read_text fails a whole file on one invalid byte, and splits lines at U+2028), a part
             # of a file per task
-            parts = [asdict(part) for part in inputs.json_parts]
+            parts = [asdict(part) for part in inputs.json_parts if part.path in source.paths]
             if not parts:  # empty files only
                 continue
             datasets.append(

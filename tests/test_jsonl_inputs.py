@@ -15,7 +15,7 @@ from directer import SteeringConfig
 from pipeline import inputs
 from pipeline.config import GenerateConfig
 from pipeline.export import ExportConfig, export
-from pipeline.inputs import json_file_rows, json_parts
+from pipeline.inputs import JsonPart, json_file_rows, json_parts, read_tasks
 from pipeline.run import generate
 
 ROWS = [
@@ -95,3 +95,17 @@ def test_a_json_file_in_parts_gives_the_rows_of_the_whole(tmp_path, monkeypatch,
     if data.lstrip()[:1] != b"[" and len(data) > part_bytes + 60:
         assert len(parts) > 1
     assert [row for part in parts for row in part.rows()] == json_file_rows(data)
+
+
+def test_small_files_share_a_read_task_and_a_large_part_has_its_own(monkeypatch):
+    monkeypatch.setattr(inputs, "JSON_PART_BYTES", 250)
+    parts = [JsonPart(f"s{n}.jsonl", 0, 100) for n in range(5)] + [JsonPart("big.jsonl", 0, 400)]
+    parts += [JsonPart("big.jsonl", 400, 500), JsonPart("last.jsonl", 0, 100)]
+    tasks = [[(p["path"], p["start"]) for p in task["parts"]] for task in read_tasks(parts)]
+    assert tasks == [
+        [("s0.jsonl", 0), ("s1.jsonl", 0)],
+        [("s2.jsonl", 0), ("s3.jsonl", 0)],
+        [("s4.jsonl", 0)],
+        [("big.jsonl", 0)],
+        [("big.jsonl", 400), ("last.jsonl", 0)],
+    ]

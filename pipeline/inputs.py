@@ -229,8 +229,7 @@ def read_dataset(sources: list[Source], inputs: Survey, placement: dict | None =
             typed += [ray.data.read_parquet(paths, **placement) for paths in by_schema.values()]
         elif source.kind == "json":
             # each line parsed on its own: rows of different forms keep only their own fields; read as
-            # bytes (read_text fails a whole file on one invalid byte, and splits lines at U+2028), a part
-            # of a file per task
+            # bytes (read_text fails a whole file on one invalid byte, and splits lines at U+2028)
             tasks = read_tasks([part for part in inputs.json_parts if part.path in source.paths])
             if not tasks:  # empty files only
                 continue
@@ -296,8 +295,8 @@ def _json_row(line: bytes) -> dict:
 
 
 def read_tasks(parts: list[JsonPart]) -> list[dict[str, list[dict]]]:
-    """``parts`` as the items of the read tasks, each task's parts together about :data:`JSON_PART_BYTES`:
-    a folder of a thousand small files is read by a few tasks, not a thousand (21.6 s against 4.8)."""
+    """``parts`` as the items of the read tasks: consecutive parts together up to :data:`JSON_PART_BYTES`,
+    a larger one alone. A folder of 1,000 small files took 21.6 s to read with a task per file, 4.0 s so."""
     tasks: list[list[JsonPart]] = []
     size = JSON_PART_BYTES
     for part in parts:

@@ -36,8 +36,9 @@ def tracked(items: Iterable[Item], total: int, label: str, show: bool) -> Iterab
 class WrittenRows:
     """While inside, a bar of the rows written to ``output`` since ``before``, out of ``total``.
 
-    Its console is made on entry, before the run sends file descriptor 2 through a filter, so that it
-    still knows whether that is a terminal; off a terminal it draws nothing.
+    It looks on entry, before the run sends file descriptor 2 through a filter, whether that is a
+    terminal; off a terminal it does nothing (a stopped ``rich`` bar would still write a blank line to
+    a log).
     """
 
     def __init__(self, output: RunOutput, before: set[Path], total: int, label: str) -> None:
@@ -46,7 +47,10 @@ class WrittenRows:
         self.stopping = threading.Event()
 
     def __enter__(self) -> WrittenRows:
-        console = Console(file=sys.stderr, force_terminal=sys.stderr.isatty())
+        self.bar = None
+        if not sys.stderr.isatty():
+            return self
+        console = Console(file=sys.stderr, force_terminal=True)
         columns = (
             progress.TextColumn("{task.description}"),
             progress.BarColumn(),
@@ -63,6 +67,8 @@ class WrittenRows:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None):
+        if self.bar is None:
+            return
         self.stopping.set()
         self.thread.join(timeout=5)
         self.bar.update(self.task, completed=self.written())  # the last file may land between two polls

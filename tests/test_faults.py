@@ -44,6 +44,7 @@ def clean(tmp_path_factory) -> dict[str, tuple[str, list[int]]]:
     folder = tmp_path_factory.mktemp("clean")
     result = run(folder, "out", "--actors", "1")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr == ""  # off a terminal: no bar, no blank line, no Ray lines
     return completions(folder / "out")
 
 

@@ -55,7 +55,7 @@ def linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
 
 
 @contextlib.contextmanager
-def replaced_linears(model: torch.nn.Module, forwards: dict[torch.nn.Linear, functools.partial]) -> Iterator[None]:
+def replaced_linears(forwards: dict[torch.nn.Linear, functools.partial]) -> Iterator[None]:
     for linear, forward in forwards.items():
         linear.forward = forward
     try:
@@ -66,12 +66,12 @@ def replaced_linears(model: torch.nn.Module, forwards: dict[torch.nn.Linear, fun
 
 
 def column_linears(model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
-    return replaced_linears(model, {linear: functools.partial(column_product, linear) for linear in linears(model)})
+    return replaced_linears({linear: functools.partial(column_product, linear) for linear in linears(model)})
 
 
-def packed_linears(model: torch.nn.Module, packs: dict[torch.nn.Linear, torch.Tensor], rows: int):
+def packed_linears(packs: dict[torch.nn.Linear, torch.Tensor], rows: int) -> contextlib.AbstractContextManager[None]:
     return replaced_linears(
-        model, {linear: functools.partial(packed_product, linear, pack, rows) for linear, pack in packs.items()}
+        {linear: functools.partial(packed_product, linear, pack, rows) for linear, pack in packs.items()}
     )
 
 
@@ -92,10 +92,10 @@ def main() -> None:
             variants = {
                 "F.linear": contextlib.nullcontext,
                 "column product": lambda: column_linears(model),
-                "packed": lambda packs=packs, tokens=tokens: packed_linears(model, packs, tokens),
+                "packed": lambda packs=packs, tokens=tokens: packed_linears(packs, tokens),
             }
             plain = model(input_ids=ids, use_cache=False).logits  # warm-up
-            with packed_linears(model, packs, tokens):
+            with packed_linears(packs, tokens):
                 equal = torch.equal(plain, model(input_ids=ids, use_cache=False).logits)
             times: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(args.rounds):

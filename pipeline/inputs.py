@@ -230,7 +230,8 @@ def read_dataset(sources: list[Source], inputs: Survey, placement: dict | None =
         elif source.kind == "json":
             # each line parsed on its own: rows of different forms keep only their own fields; read as
             # bytes (read_text fails a whole file on one invalid byte, and splits lines at U+2028)
-            tasks = read_tasks([part for part in inputs.json_parts if part.path in source.paths])
+            paths = set(source.paths)  # a set: a folder of thousands of files has as many parts
+            tasks = read_tasks([part for part in inputs.json_parts if part.path in paths])
             if not tasks:  # empty files only
                 continue
             datasets.append(
